@@ -1,0 +1,1 @@
+"""Applications of funcbo: each imports the library, never the other way round."""

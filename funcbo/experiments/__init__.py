@@ -1,0 +1,1 @@
+"""The experiment layer: configs, resumable runs, sweeps and reports, generic over applications."""

@@ -1,0 +1,89 @@
+"""Inner solvers: a few optimizer steps on the inner loss, warm-started from the last solution."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from funcbo.distributed import all_reduce_mean_
+from funcbo.problem import Batch, BilevelProblem
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily stop tracking gradients of a module's parameters (restored afterwards).
+
+    Inner steps need gradients for the inner weights only; freezing ω avoids building its graph.
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class InnerSolver:
+    """``steps`` optimizer steps on L_in(ω, h_θ) = mean ℓ_in(ω, h_θ(x), ·) in θ, ω held fixed.
+
+    The optimizer is called with a closure (which recomputes loss and gradients), so SGD, Adam and
+    LBFGS all work. Under ``torch.distributed`` gradients are averaged across ranks.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
+        if steps < 0:
+            raise ValueError(f"inner steps must be ≥ 0, got {steps}")
+        self.model = model
+        self.optimizer = optimizer
+        self.steps = steps
+
+    def run(
+        self,
+        problem: BilevelProblem,
+        outer: nn.Module,
+        batches: Sequence[Batch],
+        objective: Any = None,
+    ) -> float:
+        """Take the steps; returns the inner loss of the last step (NaN when steps = 0).
+
+        ``objective(model, batch) -> scalar`` replaces the inner loss (penalty methods use it).
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        last = float("nan")
+        for k in range(self.steps):
+            batch = batches[k % len(batches)]
+
+            def closure(batch: Batch = batch) -> torch.Tensor:
+                if objective is None:
+                    with frozen(outer):
+                        pred = problem.predict(self.model, batch, "inner")
+                        loss = problem.eval_inner(outer, pred, batch).mean()
+                else:
+                    loss = objective(self.model, batch)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = [
+                    torch.zeros_like(p) if g is None else g
+                    for p, g in zip(params, grads, strict=True)
+                ]
+                all_reduce_mean_(grads)
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g
+                return loss.detach()
+
+            loss = self.optimizer.step(closure)
+            self.optimizer.zero_grad(set_to_none=True)
+            last = float(loss) if loss is not None else float("nan")
+        return last
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,322 @@
+"""Linear algebra for bilevel hypergradients.
+
+* :class:`OutputHessian`: the per-sample Hessians H_i = ∂²_v ℓ(v_i) of a per-sample loss with
+  respect to the prediction v (never the network weights), computed with ``torch.func``
+  (forward-over-reverse ``jvp`` of ``grad``, batched over basis directions with ``vmap``). The
+  Hessian of a per-sample loss summed over a batch is block diagonal, so one Hessian-vector
+  product with a ``[B, d]`` direction yields all B products H_i a_i at once.
+* :class:`CG` and :class:`Neumann`: linear solvers passed as values (``solver=CG(maxiter=10)``),
+  working on tuples of tensors so that parameter-space solves need no flattening.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vmap
+
+from funcbo.errors import NonFiniteLossError, NotStronglyConvexError
+
+Vec = tuple[Tensor, ...]
+MatVec = Callable[[Vec], Vec]
+
+
+# --------------------------------------------------------------------------- tuple arithmetic
+def tdot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """Σ_k ⟨x_k, y_k⟩ over tuples of tensors."""
+    terms = [torch.sum(x * y) for x, y in zip(xs, ys, strict=True)]
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+def taxpy(a: Tensor | float, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Vec:
+    """a·x + y elementwise over tuples."""
+    return tuple(y + a * x for x, y in zip(xs, ys, strict=True))
+
+
+def tnorm(xs: Sequence[Tensor]) -> float:
+    """Euclidean norm of a tuple of tensors."""
+    return math.sqrt(sum(float(torch.sum(x.detach() ** 2)) for x in xs))
+
+
+# ------------------------------------------------------------------------------- solvers
+@dataclass
+class SolveInfo:
+    """What a linear solve did: iterations run and final relative residual (when measured)."""
+
+    iterations: int = 0
+    residual: float = float("nan")
+
+
+@dataclass
+class CG:
+    """Conjugate gradient for A x = b with A symmetric positive definite.
+
+    Stops after ``maxiter`` iterations or when ‖r‖ ≤ tol·‖b‖. ``damping`` solves (A + damping·I)
+    instead, which keeps CG well defined when A is only positive semi-definite (a parameter-space
+    Hessian of an over-parameterised network, say). An optional ``preconditioner`` M ≈ A⁻¹ turns
+    it into preconditioned CG.
+    """
+
+    maxiter: int = 10
+    tol: float = 1e-10
+    damping: float = 0.0
+    info: SolveInfo = field(default_factory=SolveInfo, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.maxiter < 1:
+            raise ValueError(f"CG maxiter must be ≥ 1, got {self.maxiter}")
+
+    def __call__(
+        self,
+        matvec: MatVec,
+        b: Sequence[Tensor],
+        x0: Sequence[Tensor] | None = None,
+        preconditioner: MatVec | None = None,
+    ) -> Vec:
+        b = tuple(b)
+        A = matvec if self.damping == 0 else _damped(matvec, self.damping)
+        M = preconditioner if preconditioner is not None else (lambda r: r)
+        if x0 is None:
+            x = tuple(torch.zeros_like(t) for t in b)
+            r = b
+        else:
+            x = tuple(x0)
+            r = taxpy(-1.0, A(x), b)
+        z = M(r)
+        p = z
+        rz = tdot(r, z)
+        bnorm = tnorm(b)
+        it = 0
+        res = tnorm(r)
+        if bnorm == 0.0:
+            self.info = SolveInfo(0, 0.0)
+            return tuple(torch.zeros_like(t) for t in b)
+        while it < self.maxiter and res > self.tol * bnorm:
+            Ap = A(p)
+            pAp = tdot(p, Ap)
+            if not torch.isfinite(pAp):
+                raise NonFiniteLossError("CG: a Hessian-vector product is not finite")
+            if pAp <= 0:
+                # Negative curvature: the operator is not positive definite along p. Stop with
+                # the current iterate rather than stepping to a saddle.
+                break
+            alpha = rz / pAp
+            x = taxpy(alpha, p, x)
+            r = taxpy(-alpha, Ap, r)
+            z = M(r)
+            rz_new = tdot(r, z)
+            p = taxpy(rz_new / rz, p, z)
+            rz = rz_new
+            it += 1
+            res = tnorm(r)
+        self.info = SolveInfo(it, res / bnorm)
+        return x
+
+
+@dataclass
+class Neumann:
+    """Truncated Neumann series / Richardson iteration for A x = b.
+
+    x_{k+1} = x_k + lr·(b − A x_k); from x_0 = 0 this is lr·Σ_{k<iters} (I − lr·A)^k b, which
+    converges to A⁻¹b when 0 < lr < 2/λ_max(A). A warm start x_0 is honoured.
+    """
+
+    iters: int = 10
+    lr: float = 0.1
+    info: SolveInfo = field(default_factory=SolveInfo, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.iters < 1 or self.lr <= 0:
+            raise ValueError(f"Neumann needs iters ≥ 1 and lr > 0, got {self.iters}, {self.lr}")
+
+    def __call__(
+        self,
+        matvec: MatVec,
+        b: Sequence[Tensor],
+        x0: Sequence[Tensor] | None = None,
+        preconditioner: MatVec | None = None,
+    ) -> Vec:
+        b = tuple(b)
+        x = tuple(torch.zeros_like(t) for t in b) if x0 is None else tuple(x0)
+        for k in range(self.iters):
+            r = b if (k == 0 and x0 is None) else taxpy(-1.0, matvec(x), b)
+            x = taxpy(self.lr, r, x)
+        self.info = SolveInfo(self.iters, float("nan"))
+        return x
+
+
+@dataclass
+class Identity:
+    """The "solver" that approximates A⁻¹ by a scaled identity: x = scale·b.
+
+    With a parameter-space Hessian this is the identity approximation of OMD (Nikishin et al.,
+    2022): one gradient, no Hessian-vector product.
+    """
+
+    scale: float = 1.0
+    info: SolveInfo = field(default_factory=SolveInfo, repr=False, compare=False)
+
+    def __call__(
+        self,
+        matvec: MatVec,
+        b: Sequence[Tensor],
+        x0: Sequence[Tensor] | None = None,
+        preconditioner: MatVec | None = None,
+    ) -> Vec:
+        self.info = SolveInfo(0, float("nan"))
+        return tuple(self.scale * t for t in b)
+
+
+Solver = CG | Neumann | Identity
+
+
+def _damped(matvec: MatVec, damping: float) -> MatVec:
+    return lambda v: taxpy(damping, v, matvec(v))
+
+
+# ------------------------------------------------------------------ output-space Hessians
+class OutputHessian:
+    """Per-sample Hessians H_i = ∂²_v ℓ(v_i) of a per-sample loss at predictions V ∈ R^{B×d}.
+
+    Built by :meth:`of_loss` with ``torch.func``. Dense storage (``[B, d, d]``) is used for small
+    output dimensions; above ``dense_max`` only Hessian-vector products are kept. Structure is
+    detected once: ``isotropic`` holds c ∈ R^B when every H_i = c_i·I (squared losses, any
+    scalar-output loss), which lets closed-form adjoints skip iterative solves.
+
+    The Hessians are constants: they carry no autograd graph (ω is held fixed).
+    """
+
+    def __init__(
+        self,
+        dense: Tensor | None,
+        matvec_fn: Callable[[Tensor], Tensor] | None,
+        like: Tensor,
+    ) -> None:
+        if dense is None and matvec_fn is None:
+            raise ValueError("OutputHessian needs dense matrices or a matvec function")
+        self.dense = dense
+        self._matvec_fn = matvec_fn
+        self.shape: tuple[int, int] = (like.shape[0], like.shape[1])
+        self.dtype = like.dtype
+        self.device = like.device
+        self.isotropic: Tensor | None = None
+        if dense is not None:
+            self.isotropic = _isotropic_scale(dense)
+
+    @classmethod
+    def of_loss(
+        cls,
+        loss_fn: Callable[[Tensor], Tensor],
+        V: Tensor,
+        *,
+        dense: bool | None = None,
+        dense_max: int = 128,
+    ) -> OutputHessian:
+        """Hessians of ``loss_fn`` (predictions ``[B, d]`` → per-sample losses ``[B]``) at V.
+
+        ``dense=None`` picks dense storage when d ≤ ``dense_max``.
+        """
+        V = V.detach()
+        B, d = V.shape
+        want_dense = d <= dense_max if dense is None else dense
+        g = grad(lambda v: loss_fn(v).sum())
+
+        def hvp(a: Tensor) -> Tensor:
+            with torch.no_grad():
+                return jvp(g, (V,), (a,))[1]
+
+        if not want_dense:
+            return cls(None, hvp, V)
+        eye = torch.eye(d, dtype=V.dtype, device=V.device)
+        basis = eye[:, None, :].expand(d, B, d)  # basis[k, b] = e_k for every sample b
+        try:
+            with torch.no_grad():
+                cols = vmap(lambda e: jvp(g, (V,), (e,))[1])(basis)
+        except RuntimeError:
+            # Losses with data-dependent Python control flow cannot be vmapped; one
+            # Hessian-vector product per output coordinate gives the same matrices.
+            cols = torch.stack([hvp(basis[k]) for k in range(d)])
+        H = cols.permute(1, 2, 0)  # H[b, i, k] = (H_b e_k)_i
+        H = 0.5 * (H + H.transpose(1, 2))
+        if not bool(torch.isfinite(H).all()):
+            raise NonFiniteLossError("the output Hessian of the inner loss is not finite")
+        return cls(H.contiguous(), hvp, V)
+
+    def matvec(self, A: Tensor) -> Tensor:
+        """Per-sample products H_i a_i for A ∈ R^{B×d}."""
+        if self.isotropic is not None:
+            return self.isotropic[:, None] * A
+        if self.dense is not None:
+            return torch.einsum("bij,bj->bi", self.dense, A)
+        assert self._matvec_fn is not None
+        return self._matvec_fn(A)
+
+    def trace_scale(self, probes: int = 4, generator: torch.Generator | None = None) -> Tensor:
+        """c_i = tr(H_i)/d for every sample (Hutchinson estimate when not stored densely)."""
+        if self.isotropic is not None:
+            return self.isotropic
+        if self.dense is not None:
+            return torch.diagonal(self.dense, dim1=1, dim2=2).mean(1)
+        B, d = self.shape
+        acc = None
+        for _ in range(probes):
+            r = torch.randint(0, 2, (B, d), generator=generator)
+            r = (2 * r - 1).to(dtype=self.dtype, device=self.device)
+            est = (r * self.matvec(r)).sum(1) / d
+            acc = est if acc is None else acc + est
+        assert acc is not None
+        return acc / probes
+
+    def eigmin(self) -> Tensor:
+        """Smallest eigenvalue of every H_i (needs dense storage)."""
+        if self.dense is None:
+            raise ValueError(
+                "eigmin needs dense Hessians: build with OutputHessian.of_loss(dense=True)"
+            )
+        return torch.linalg.eigvalsh(self.dense)[:, 0]
+
+    def check_positive(self, tol: float = 0.0) -> float:
+        """Raise :class:`NotStronglyConvexError` unless every H_i has eigenvalues > tol."""
+        lam = self.eigmin()
+        worst = int(torch.argmin(lam))
+        value = float(lam[worst])
+        if not value > tol:
+            raise NotStronglyConvexError(
+                f"the inner loss is not strongly convex in the prediction: the output Hessian of "
+                f"sample {worst} has smallest eigenvalue {value:.3e} (≤ {tol:g}); FuncID needs "
+                "∂²_v ℓ_in ≻ 0 (add a ridge term μ/2·‖pred‖² to the inner loss, for instance)"
+            )
+        return float(lam.min())
+
+
+def _isotropic_scale(H: Tensor) -> Tensor | None:
+    """c with H_i = c_i·I for every sample, or None when some H_i is not a multiple of I."""
+    d = H.shape[-1]
+    c = torch.diagonal(H, dim1=1, dim2=2).mean(1)
+    if d == 1:
+        return c
+    eye = torch.eye(d, dtype=H.dtype, device=H.device)
+    dev = torch.linalg.matrix_norm(H - c[:, None, None] * eye)
+    scale = torch.linalg.matrix_norm(H).clamp_min(torch.finfo(H.dtype).tiny)
+    tol = 100 * torch.finfo(H.dtype).eps
+    return c if bool((dev <= tol * scale).all()) else None
+
+
+__all__ = [
+    "CG",
+    "Identity",
+    "Neumann",
+    "OutputHessian",
+    "SolveInfo",
+    "Solver",
+    "taxpy",
+    "tdot",
+    "tnorm",
+]

@@ -1,0 +1,251 @@
+"""Parametric baselines: approximate implicit differentiation (AID) and iterative
+differentiation (ITD), both in the inner network's *parameter* space.
+
+They treat the inner problem as min_θ L_in(ω, θ) with L_in(ω, θ) = E_in[ℓ_in(ω, h_θ(x))], which
+is non-convex in θ for a neural network: the implicit function theorem then needs an invertible
+parameter-space Hessian, and its Hessian-vector products back-propagate through the network
+twice. They are here as the references FuncID is compared with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from funcbo.distributed import all_reduce_mean_, differentiable_all_reduce_mean
+from funcbo.estimator import (
+    HypergradientEstimator,
+    add_grads,
+    as_batch_list,
+    finish_outer_grads,
+    grad_norm,
+    trainable,
+)
+from funcbo.inner import InnerSolver, frozen
+from funcbo.linalg import CG, Solver, tnorm
+from funcbo.problem import Batch, BilevelProblem, check_pred
+
+
+def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, like, strict=True))
+
+
+class AID(HypergradientEstimator):
+    """Approximate implicit differentiation in parameter space.
+
+    ∇F(ω) ≈ ∂_ω L_out − ∂_ω∂_θ L_in · v,   with v ≈ (∂²_θ L_in)⁻¹ ∂_θ L_out
+
+    found by a linear solver (``CG(maxiter)``, ``Neumann(iters, lr)`` or ``Identity()``) from
+    Hessian-vector products in the inner network's parameters, warm-started from the previous outer
+    iteration's v when ``warm_start`` is True.
+
+    Args:
+        inner_model, inner_optimizer, inner_steps: as for FuncID.
+        solver: the linear solver (default ``CG(maxiter=10)``).
+        warm_start: start the solve from the previous v.
+    """
+
+    def __init__(
+        self,
+        inner_model: nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        inner_steps: int = 1,
+        *,
+        solver: Solver | None = None,
+        warm_start: bool = True,
+    ) -> None:
+        self.inner_model = inner_model
+        self.inner = InnerSolver(inner_model, inner_optimizer, inner_steps)
+        self.inner_steps = max(inner_steps, 1)
+        self.solver = solver if solver is not None else CG(maxiter=10)
+        self.warm_start = warm_start
+        self._v: tuple[Tensor, ...] | None = None
+        self.stats: dict[str, float] = {}
+
+    def step(
+        self,
+        problem: BilevelProblem,
+        outer: nn.Module,
+        inner_batches: Batch | Sequence[Batch],
+        outer_batch: Batch,
+    ) -> tuple[Tensor, ...]:
+        batches = as_batch_list(inner_batches)
+        inner_loss = self.inner.run(problem, outer, batches)
+        out = self.hypergradient(problem, outer, batches[-1], outer_batch)
+        self.stats["inner_loss"] = inner_loss
+        return out
+
+    def hypergradient(
+        self, problem: BilevelProblem, outer: nn.Module, inner_batch: Batch, outer_batch: Batch
+    ) -> tuple[Tensor, ...]:
+        """∇F(ω) at the current inner model (no inner steps)."""
+        theta = trainable(self.inner_model)
+        omega = trainable(outer)
+        pred_out = problem.predict(self.inner_model, outer_batch, "outer")
+        l_out = problem.eval_outer(outer, pred_out, outer_batch).mean()
+        grads = torch.autograd.grad(l_out, [*theta, *omega], allow_unused=True)
+        g_theta = _zeros_for_none(grads[: len(theta)], theta)
+        g_omega = list(grads[len(theta) :])
+        all_reduce_mean_(g_theta)
+
+        pred_in = problem.predict(self.inner_model, inner_batch, "inner")
+        l_in = problem.eval_inner(outer, pred_in, inner_batch).mean()
+        G = torch.autograd.grad(l_in, theta, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(G) if g is not None and g.requires_grad]
+        G_live = [G[i] for i in live]
+        theta_live = [theta[i] for i in live]
+
+        def matvec(v: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            if not G_live:
+                return tuple(torch.zeros_like(t) for t in v)
+            hv = torch.autograd.grad(
+                G_live, theta_live, [v[i] for i in live], retain_graph=True, allow_unused=True
+            )
+            out = [torch.zeros_like(t) for t in v]
+            for i, h in zip(live, hv, strict=True):
+                if h is not None:
+                    out[i] = h
+            all_reduce_mean_(out)
+            return tuple(out)
+
+        x0 = self._v if (self.warm_start and self._v is not None) else None
+        v = self.solver(matvec, g_theta, x0=x0)
+        self._v = tuple(t.detach() for t in v)
+        cross: Sequence[Tensor | None] = [None] * len(omega)
+        if omega and G_live:
+            cross = torch.autograd.grad(G_live, omega, [v[i] for i in live], allow_unused=True)
+        total = add_grads(g_omega, cross, scale=-1.0)
+        out = finish_outer_grads(outer, total)
+        self.stats = {
+            "outer_loss": float(l_out.detach()),
+            "inner_loss_at_hypergrad": float(l_in.detach()),
+            "grad_norm": grad_norm(out),
+            "solver_iters": float(self.solver.info.iterations),
+            "dual_norm": tnorm(v),
+        }
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner": self.inner.state_dict(),
+            "v": list(self._v) if self._v is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self._v = tuple(state["v"]) if state.get("v") is not None else None
+
+
+class ITD(HypergradientEstimator):
+    """Iterative differentiation: back-propagate through unrolled inner gradient steps.
+
+    Runs ``unroll`` steps of (heavy-ball) gradient descent θ ← θ − lr·b, b ← μ·b + ∇_θ L_in on the
+    inner model with ``torch.func.functional_call``, keeping the autograd graph of the last
+    ``truncate`` steps (all of them by default), and returns ∂_ω L_out(ω, θ_unroll) through that
+    graph. The final θ is written back to the inner model (a warm start for the next step).
+
+    Args:
+        inner_model: the network h_θ.
+        lr: inner step size.
+        unroll: number of inner steps per outer iteration.
+        truncate: differentiate through only the last ``truncate`` steps (None = all).
+        momentum: heavy-ball momentum μ.
+    """
+
+    def __init__(
+        self,
+        inner_model: nn.Module,
+        lr: float,
+        unroll: int = 10,
+        *,
+        truncate: int | None = None,
+        momentum: float = 0.0,
+    ) -> None:
+        if unroll < 1:
+            raise ValueError(f"ITD needs unroll ≥ 1, got {unroll}")
+        if truncate is not None and not 1 <= truncate <= unroll:
+            raise ValueError(f"ITD truncate must be in [1, unroll={unroll}], got {truncate}")
+        self.inner_model = inner_model
+        self.lr = lr
+        self.unroll = unroll
+        self.truncate = unroll if truncate is None else truncate
+        self.momentum = momentum
+        self.inner_steps = unroll
+        self._buf: dict[str, Tensor] | None = None
+        self.stats: dict[str, float] = {}
+
+    def step(
+        self,
+        problem: BilevelProblem,
+        outer: nn.Module,
+        inner_batches: Batch | Sequence[Batch],
+        outer_batch: Batch,
+    ) -> tuple[Tensor, ...]:
+        batches = as_batch_list(inner_batches)
+        model = self.inner_model
+        omega = trainable(outer)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        theta = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        buf = (
+            self._buf
+            if self._buf is not None
+            else {n: torch.zeros_like(t) for n, t in theta.items()}
+        )
+        buf = {n: t.detach() for n, t in buf.items()}
+        first_diff = self.unroll - self.truncate
+        inner_loss = float("nan")
+        for k in range(self.unroll):
+            batch = batches[k % len(batches)]
+            diff = k >= first_diff
+            if not diff or k == first_diff:
+                theta = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+                buf = {n: t.detach() for n, t in buf.items()}
+            x = problem.input(batch, "inner")
+            if diff:
+                pred = check_pred(functional_call(model, theta, (x,)), "inner model output")
+                loss = problem.eval_inner(outer, pred, batch).mean()
+            else:
+                with frozen(outer):
+                    pred = check_pred(functional_call(model, theta, (x,)), "inner model output")
+                    loss = problem.eval_inner(outer, pred, batch).mean()
+            g = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=diff)
+            g = [differentiable_all_reduce_mean(t) for t in g]
+            new_theta, new_buf = {}, {}
+            for n, gn in zip(names, g, strict=True):
+                b = self.momentum * buf[n] + gn if self.momentum else gn
+                new_buf[n] = b
+                new_theta[n] = theta[n] - self.lr * b
+            theta, buf = new_theta, new_buf
+            inner_loss = float(loss.detach())
+        x_out = problem.input(outer_batch, "outer")
+        pred_out = check_pred(functional_call(model, theta, (x_out,)), "inner model output")
+        l_out = problem.eval_outer(outer, pred_out, outer_batch).mean()
+        grads: Sequence[Tensor | None] = (
+            torch.autograd.grad(l_out, omega, allow_unused=True) if omega else []
+        )
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for n in names:
+                params[n].copy_(theta[n])
+        self._buf = {n: t.detach() for n, t in buf.items()} if self.momentum else None
+        out = finish_outer_grads(outer, list(grads))
+        self.stats = {
+            "inner_loss": inner_loss,
+            "outer_loss": float(l_out.detach()),
+            "grad_norm": grad_norm(out),
+        }
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.inner_model.state_dict(), "buf": self._buf}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner_model.load_state_dict(state["model"])
+        self._buf = state.get("buf")
+
+
+__all__ = ["AID", "ITD"]

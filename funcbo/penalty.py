@@ -1,0 +1,201 @@
+"""Penalty baselines: replace the bilevel problem by a single-level one over (ω, θ).
+
+* gradient-norm penalty:  min_{ω,θ} L_out(ω, θ) + (γ/2)·‖∇_θ L_in(ω, θ)‖²
+* value-function penalty: min_{ω,θ} L_out(ω, θ) + γ·(L_in(ω, θ) − min_θ' L_in(ω, θ'))
+
+(Shen & Chen 2023; Kwon et al. 2023). Both approach the bilevel solution as γ → ∞ with an O(1/γ)
+bias. The θ-steps minimise the penalised objective divided by γ (so inner learning rates keep
+their usual scale); the returned outer gradient is that of the penalised objective itself.
+Under ``torch.distributed`` the θ-step gradients and the outer gradient are averaged across
+ranks; the gradient-norm penalty is the per-rank ‖∇_θ L_in‖², not the norm of the global mean.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from funcbo.estimator import (
+    HypergradientEstimator,
+    add_grads,
+    as_batch_list,
+    finish_outer_grads,
+    grad_norm,
+    trainable,
+)
+from funcbo.inner import InnerSolver, frozen
+from funcbo.problem import Batch, BilevelProblem
+
+
+def _losses(
+    problem: BilevelProblem,
+    model: nn.Module,
+    outer: nn.Module,
+    inner_batch: Batch,
+    outer_batch: Batch,
+) -> tuple[Tensor, Tensor]:
+    pred_in = problem.predict(model, inner_batch, "inner")
+    pred_out = problem.predict(model, outer_batch, "outer")
+    l_in = problem.eval_inner(outer, pred_in, inner_batch).mean()
+    l_out = problem.eval_outer(outer, pred_out, outer_batch).mean()
+    return l_in, l_out
+
+
+class GradientPenalty(HypergradientEstimator):
+    """Gradient-norm penalty method.
+
+    θ-steps descend L_out/γ + ½‖∇_θ L_in‖² (a parameter-space Hessian-vector product each); the
+    outer gradient is ∂_ω L_out + γ·∂_ω ½‖∇_θ L_in‖².
+
+    Args:
+        inner_model, inner_optimizer, inner_steps: the inner network and its θ-steps.
+        penalty: γ > 0.
+    """
+
+    def __init__(
+        self,
+        inner_model: nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        inner_steps: int = 1,
+        *,
+        penalty: float = 10.0,
+    ) -> None:
+        if not penalty > 0:
+            raise ValueError(f"penalty must be > 0, got {penalty}")
+        self.inner_model = inner_model
+        self.inner = InnerSolver(inner_model, inner_optimizer, inner_steps)
+        self.inner_steps = max(inner_steps, 1)
+        self.penalty = penalty
+        self.stats: dict[str, float] = {}
+
+    def _penalised(
+        self, problem: BilevelProblem, outer: nn.Module, inner_batch: Batch, outer_batch: Batch
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        theta = trainable(self.inner_model)
+        l_in, l_out = _losses(problem, self.inner_model, outer, inner_batch, outer_batch)
+        G = torch.autograd.grad(l_in, theta, create_graph=True, allow_unused=True)
+        pen = 0.5 * sum((g**2).sum() for g in G if g is not None)
+        return l_in, l_out, pen  # type: ignore[return-value]
+
+    def step(
+        self,
+        problem: BilevelProblem,
+        outer: nn.Module,
+        inner_batches: Batch | Sequence[Batch],
+        outer_batch: Batch,
+    ) -> tuple[Tensor, ...]:
+        batches = as_batch_list(inner_batches)
+
+        def objective(_model: nn.Module, batch: Batch) -> Tensor:
+            with frozen(outer):
+                _, l_out, pen = self._penalised(problem, outer, batch, outer_batch)
+            return l_out / self.penalty + pen
+
+        self.inner.run(problem, outer, batches, objective=objective)
+        l_in, l_out, pen = self._penalised(problem, outer, batches[-1], outer_batch)
+        omega = trainable(outer)
+        grads = torch.autograd.grad(l_out + self.penalty * pen, omega, allow_unused=True)
+        out = finish_outer_grads(outer, list(grads))
+        self.stats = {
+            "inner_loss": float(l_in.detach()),
+            "outer_loss": float(l_out.detach()),
+            "penalty": float(pen.detach()),
+            "grad_norm": grad_norm(out),
+        }
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+
+
+class ValuePenalty(HypergradientEstimator):
+    """Value-function penalty method.
+
+    A second network θ̂ tracks min_θ' L_in(ω, θ') with ``value_steps`` optimizer steps; θ-steps
+    descend L_out/γ + L_in; the outer gradient is (Danskin's theorem for the min term)
+
+        ∂_ω L_out(ω, θ) + γ·(∂_ω L_in(ω, θ) − ∂_ω L_in(ω, θ̂)).
+
+    Args:
+        inner_model, inner_optimizer, inner_steps: the inner network and its θ-steps.
+        penalty: γ > 0.
+        value_model: the network θ̂ (default: a copy of the inner model).
+        value_optimizer: its optimizer (default: the inner optimizer's class and settings).
+        value_steps: optimizer steps on θ̂ per outer iteration (default: inner_steps).
+    """
+
+    def __init__(
+        self,
+        inner_model: nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        inner_steps: int = 1,
+        *,
+        penalty: float = 10.0,
+        value_model: nn.Module | None = None,
+        value_optimizer: torch.optim.Optimizer | None = None,
+        value_steps: int | None = None,
+    ) -> None:
+        if not penalty > 0:
+            raise ValueError(f"penalty must be > 0, got {penalty}")
+        self.inner_model = inner_model
+        self.inner = InnerSolver(inner_model, inner_optimizer, inner_steps)
+        self.inner_steps = max(inner_steps, 1)
+        self.penalty = penalty
+        self.value_model = value_model if value_model is not None else copy.deepcopy(inner_model)
+        if value_optimizer is None:
+            value_optimizer = type(inner_optimizer)(
+                self.value_model.parameters(), **inner_optimizer.defaults
+            )
+        steps = inner_steps if value_steps is None else value_steps
+        self.value = InnerSolver(self.value_model, value_optimizer, steps)
+        self.stats: dict[str, float] = {}
+
+    def step(
+        self,
+        problem: BilevelProblem,
+        outer: nn.Module,
+        inner_batches: Batch | Sequence[Batch],
+        outer_batch: Batch,
+    ) -> tuple[Tensor, ...]:
+        batches = as_batch_list(inner_batches)
+        self.value.run(problem, outer, batches)
+
+        def objective(model: nn.Module, batch: Batch) -> Tensor:
+            with frozen(outer):
+                l_in, l_out = _losses(problem, model, outer, batch, outer_batch)
+            return l_out / self.penalty + l_in
+
+        self.inner.run(problem, outer, batches, objective=objective)
+        omega = trainable(outer)
+        batch = batches[-1]
+        l_in, l_out = _losses(problem, self.inner_model, outer, batch, outer_batch)
+        pred_hat = problem.predict(self.value_model, batch, "inner").detach()
+        l_hat = problem.eval_inner(outer, pred_hat, batch).mean()
+        g_main = torch.autograd.grad(l_out + self.penalty * l_in, omega, allow_unused=True)
+        g_hat = torch.autograd.grad(l_hat, omega, allow_unused=True)
+        out = finish_outer_grads(outer, add_grads(list(g_main), list(g_hat), scale=-self.penalty))
+        self.stats = {
+            "inner_loss": float(l_in.detach()),
+            "outer_loss": float(l_out.detach()),
+            "value_loss": float(l_hat.detach()),
+            "penalty": float((l_in - l_hat).detach()),
+            "grad_norm": grad_norm(out),
+        }
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "value": self.value.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.value.load_state_dict(state["value"])
+
+
+__all__ = ["GradientPenalty", "ValuePenalty"]

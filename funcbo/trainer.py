@@ -1,0 +1,297 @@
+"""The outer loop (Algorithm 1 of the FuncID paper) for any hypergradient estimator.
+
+Each outer iteration draws ``estimator.inner_steps`` inner batches and one outer batch, asks the
+estimator for ∇F(ω) (inner steps, adjoint steps, total gradient), and takes one step of the outer
+optimizer. Per-iteration metrics (losses, gradient norm, time, peak memory, and anything the
+estimator or an ``evaluate`` function reports) go to callbacks: a progress bar, a JSONL log,
+checkpoints, or your own.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from funcbo.distributed import rank
+from funcbo.estimator import HypergradientEstimator
+from funcbo.io import append_jsonl, atomic_torch_save
+from funcbo.memory import peak_bytes, reset_peak
+from funcbo.problem import Batch, BilevelProblem
+
+Metrics = dict[str, Any]
+
+
+class Callback:
+    """Hooks called by :class:`Trainer`; override the ones you need."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        """Before the first iteration of :meth:`Trainer.fit`."""
+
+    def on_step(self, trainer: Trainer, metrics: Metrics) -> None:
+        """After every outer iteration, with its metrics."""
+
+    def on_end(self, trainer: Trainer) -> None:
+        """After the last iteration of :meth:`Trainer.fit` (also on error)."""
+
+
+class BatchStream:
+    """An endless stream of batches from a re-iterable (a DataLoader, a list of batches), an
+    iterator, or a function with no arguments that returns a batch."""
+
+    def __init__(self, source: Iterable[Batch] | Callable[[], Batch], name: str) -> None:
+        self.source = source
+        self.name = name
+        self._it: Iterator[Batch] | None = None
+        self.epoch = 0
+
+    def next(self) -> Batch:
+        if callable(self.source) and not isinstance(self.source, Iterable):
+            return self.source()
+        if self._it is None:
+            self._it = iter(self.source)  # type: ignore[arg-type]
+        try:
+            return next(self._it)
+        except StopIteration:
+            if isinstance(self.source, Iterator):
+                raise RuntimeError(f"the {self.name} loader (an iterator) is exhausted") from None
+            self.epoch += 1
+            self._it = iter(self.source)  # type: ignore[arg-type]
+            try:
+                return next(self._it)
+            except StopIteration:
+                raise RuntimeError(f"the {self.name} loader yields no batches") from None
+
+
+class Trainer:
+    """Runs the outer loop.
+
+    Args:
+        problem: the bilevel problem.
+        outer: module holding ω.
+        estimator: any :class:`~funcbo.estimator.HypergradientEstimator`.
+        outer_optimizer: optimizer over ``outer``'s parameters.
+        inner_loader, outer_loader: sources of inner and outer batches (see :class:`BatchStream`).
+        callbacks: :class:`Callback` instances.
+        evaluate: ``evaluate(trainer) -> dict`` of extra metrics (a test error, say), called
+            every ``eval_every`` iterations and after the last one.
+        eval_every: evaluation period in outer iterations.
+        device: where peak memory is measured (default: that of ``outer``'s first parameter).
+    """
+
+    def __init__(
+        self,
+        problem: BilevelProblem,
+        outer: nn.Module,
+        estimator: HypergradientEstimator,
+        outer_optimizer: torch.optim.Optimizer,
+        inner_loader: Iterable[Batch] | Callable[[], Batch],
+        outer_loader: Iterable[Batch] | Callable[[], Batch],
+        callbacks: Sequence[Callback] = (),
+        *,
+        evaluate: Callable[[Trainer], Metrics] | None = None,
+        eval_every: int = 1,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.problem = problem
+        self.outer = outer
+        self.estimator = estimator
+        self.outer_optimizer = outer_optimizer
+        self.inner_stream = BatchStream(inner_loader, "inner")
+        self.outer_stream = BatchStream(outer_loader, "outer")
+        self.callbacks = list(callbacks)
+        self.evaluate = evaluate
+        self.eval_every = max(1, eval_every)
+        if device is None:
+            first = next(outer.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        self.iteration = 0
+        self.elapsed = 0.0
+        self.total_iterations: int | None = None
+        self.history: list[Metrics] = []
+
+    def step(self) -> Metrics:
+        """One outer iteration; returns its metrics."""
+        est = self.estimator
+        inner_batches = [self.inner_stream.next() for _ in range(est.inner_steps)]
+        outer_batch = self.outer_stream.next()
+        reset_peak(self.device)
+        t0 = time.perf_counter()
+        est.step(self.problem, self.outer, inner_batches, outer_batch)
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        self.iteration += 1
+        metrics: Metrics = {"iteration": self.iteration}
+        metrics.update(est.stats)
+        metrics["iter_time_s"] = dt
+        metrics["time_s"] = self.elapsed
+        metrics["peak_memory_mb"] = peak_bytes(self.device) / 2**20
+        last = self.total_iterations is not None and self.iteration >= self.total_iterations
+        if self.evaluate is not None and (self.iteration % self.eval_every == 0 or last):
+            metrics.update(self.evaluate(self))
+        return metrics
+
+    def fit(self, iterations: int) -> list[Metrics]:
+        """Run until ``iterations`` outer iterations in total have been done (a resumed trainer
+        continues from its current iteration). Returns the metrics of the iterations run."""
+        self.total_iterations = iterations
+        run: list[Metrics] = []
+        for cb in self.callbacks:
+            cb.on_start(self)
+        try:
+            while self.iteration < iterations:
+                metrics = self.step()
+                self.history.append(metrics)
+                run.append(metrics)
+                for cb in self.callbacks:
+                    cb.on_step(self, metrics)
+        finally:
+            for cb in self.callbacks:
+                cb.on_end(self)
+        return run
+
+    # ------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Outer variable, optimizers, estimator state, iteration counters and RNG states."""
+        np_state = np.random.get_state()
+        return {
+            "iteration": self.iteration,
+            "elapsed": self.elapsed,
+            "outer": self.outer.state_dict(),
+            "outer_optimizer": self.outer_optimizer.state_dict(),
+            "estimator": self.estimator.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": [
+                    np_state[0],
+                    torch.from_numpy(np_state[1].astype(np.int64)),
+                    *np_state[2:],
+                ],
+                "python": _to_lists(random.getstate()),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.iteration = int(state["iteration"])
+        self.elapsed = float(state["elapsed"])
+        self.outer.load_state_dict(state["outer"])
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self.estimator.load_state_dict(state["estimator"])
+        rng = state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            ns = rng["numpy"]
+            np.random.set_state((ns[0], ns[1].numpy().astype(np.uint32), *ns[2:]))
+            random.setstate(_to_tuples(rng["python"]))
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+# ------------------------------------------------------------------------------- callbacks
+class ProgressBar(Callback):
+    """A progress bar (tqdm when installed, a plain line every ``every`` iterations otherwise),
+    showing the chosen metrics. Only rank 0 prints."""
+
+    def __init__(self, keys: Sequence[str] = ("outer_loss", "inner_loss"), every: int = 10) -> None:
+        self.keys = list(keys)
+        self.every = max(1, every)
+        self._bar: Any = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        if rank() != 0:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self._bar = None
+            return
+        self._bar = tqdm(
+            total=trainer.total_iterations,
+            initial=trainer.iteration,
+            unit="it",
+            dynamic_ncols=True,
+            leave=False,
+        )
+
+    def _fmt(self, metrics: Metrics) -> str:
+        parts = []
+        for k in self.keys:
+            v = metrics.get(k)
+            if isinstance(v, float) and math.isfinite(v):
+                parts.append(f"{k}={v:.4g}")
+        return " ".join(parts)
+
+    def on_step(self, trainer: Trainer, metrics: Metrics) -> None:
+        if rank() != 0:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+            if trainer.iteration % self.every == 0:
+                self._bar.set_postfix_str(self._fmt(metrics), refresh=False)
+        elif trainer.iteration % self.every == 0 or trainer.iteration == trainer.total_iterations:
+            total = trainer.total_iterations or "?"
+            print(
+                f"[{trainer.iteration}/{total}] {self._fmt(metrics)}", file=sys.stderr, flush=True
+            )
+
+    def on_end(self, trainer: Trainer) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class JSONLLogger(Callback):
+    """Appends one JSON line of metrics per iteration (every ``every``-th) to ``path``; rank 0."""
+
+    def __init__(self, path: str | Path, every: int = 1) -> None:
+        self.path = Path(path)
+        self.every = max(1, every)
+
+    def on_step(self, trainer: Trainer, metrics: Metrics) -> None:
+        if rank() == 0 and (
+            trainer.iteration % self.every == 0 or trainer.iteration == trainer.total_iterations
+        ):
+            append_jsonl(self.path, metrics)
+
+
+class Checkpoint(Callback):
+    """Saves :meth:`Trainer.state_dict` atomically every ``every`` iterations and at the end;
+    rank 0 only. Resume with ``trainer.load_state_dict(torch.load(path, weights_only=True))``."""
+
+    def __init__(self, path: str | Path, every: int = 100) -> None:
+        self.path = Path(path)
+        self.every = max(1, every)
+
+    def _save(self, trainer: Trainer) -> None:
+        if rank() == 0:
+            atomic_torch_save(trainer.state_dict(), self.path)
+
+    def on_step(self, trainer: Trainer, metrics: Metrics) -> None:
+        if trainer.iteration % self.every == 0:
+            self._save(trainer)
+
+    def on_end(self, trainer: Trainer) -> None:
+        self._save(trainer)
+
+
+__all__ = ["BatchStream", "Callback", "Checkpoint", "JSONLLogger", "ProgressBar", "Trainer"]
