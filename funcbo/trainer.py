@@ -209,8 +209,8 @@ def _to_tuples(x: Any) -> Any:
 
 # ------------------------------------------------------------------------------- callbacks
 class ProgressBar(Callback):
-    """A progress bar (tqdm when installed, a plain line every ``every`` iterations otherwise),
-    showing the chosen metrics. Only rank 0 prints."""
+    """A progress bar (tqdm when installed and stderr is a terminal; otherwise a plain line every
+    ``every`` iterations, which keeps logs readable), showing the chosen metrics. Rank 0 only."""
 
     def __init__(self, keys: Sequence[str] = ("outer_loss", "inner_loss"), every: int = 10) -> None:
         self.keys = list(keys)
@@ -218,12 +218,12 @@ class ProgressBar(Callback):
         self._bar: Any = None
 
     def on_start(self, trainer: Trainer) -> None:
-        if rank() != 0:
+        self._bar = None
+        if rank() != 0 or not sys.stderr.isatty():
             return
         try:
             from tqdm.auto import tqdm
         except ImportError:
-            self._bar = None
             return
         self._bar = tqdm(
             total=trainer.total_iterations,

@@ -8,8 +8,15 @@ would (same seed, CPU, float tolerance).
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import torch
+
+from funcbo.experiments.methods import MethodConfig
 
 
 class Task(ABC):
@@ -39,3 +46,89 @@ class Task(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`."""
+
+
+@dataclass
+class RunSpec:
+    """What one run is: an experiment's problem config, one method, one seed, the budget.
+
+    Attributes:
+        experiment: registered experiment name (e.g. ``"iv_dsprites"``).
+        method: the method's name in the config's ``methods:`` mapping.
+        method_config: its (typed) hyperparameters.
+        problem: the experiment's (typed) problem/data config.
+        seed: random seed of the run.
+        iterations: outer iterations.
+        eval_every: evaluation period in outer iterations.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        dtype: ``"float32"`` or ``"float64"``.
+    """
+
+    experiment: str
+    method: str
+    method_config: MethodConfig
+    problem: Any
+    seed: int
+    iterations: int
+    eval_every: int = 100
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
+
+
+@dataclass
+class ExperimentSpec:
+    """An application's experiment, as the experiment layer sees it.
+
+    Attributes:
+        name: the value of ``experiment:`` in a config file.
+        problem_config: dataclass of the ``problem:`` section.
+        method_config: dataclass of each ``methods:`` entry (:class:`MethodConfig` or a subclass).
+        make_task: builds the :class:`Task` of one run.
+        metric: the headline evaluation metric (a key of :meth:`Task.evaluate`).
+        metric_mode: ``"min"`` or ``"max"``: which direction is better.
+        description: one line for ``funcbo list``.
+    """
+
+    name: str
+    problem_config: type
+    method_config: type[MethodConfig]
+    make_task: Callable[[RunSpec], Task]
+    metric: str
+    metric_mode: str = "min"
+    description: str = ""
+
+
+_REGISTRY: dict[str, ExperimentSpec] = {}
+
+#: experiments that live in modules imported on first use (keeps ``import funcbo`` light)
+_LAZY: dict[str, str] = {}
+
+
+def register_experiment(spec: ExperimentSpec) -> ExperimentSpec:
+    """Make an experiment available to configs and the ``funcbo`` command."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def register_lazy(name: str, module: str) -> None:
+    """Declare that importing ``module`` registers experiment ``name``."""
+    _LAZY[name] = module
+
+
+def get_experiment(name: str) -> ExperimentSpec:
+    """The registered experiment called ``name`` (importing its module if needed)."""
+    if name not in _REGISTRY and name in _LAZY:
+        importlib.import_module(_LAZY[name])
+    if name not in _REGISTRY:
+        known = sorted(set(_REGISTRY) | set(_LAZY))
+        raise KeyError(f"unknown experiment {name!r}; known: {', '.join(known) or 'none'}")
+    return _REGISTRY[name]
+
+
+def known_experiments() -> list[str]:
+    """Names of all registered or lazily registered experiments."""
+    return sorted(set(_REGISTRY) | set(_LAZY))

@@ -1,0 +1,178 @@
+"""Adjoint solvers: the network and closed-form adjoints agree, primal and dual solves agree."""
+
+import copy
+
+import pytest
+import torch
+from helpers import lbfgs, rel_err
+from torch import nn
+
+import funcbo
+from funcbo.adjoints import AdjointProblem, LinearAdjoint, NetworkAdjoint, reset_parameters
+from funcbo.linalg import OutputHessian
+from funcbo.synthetic import LinearQuadratic, SoftmaxIV, mlp
+
+
+def _adjoint_problem(n=40, m=30, p=6, d=3, isotropic=True, seed=0):
+    """A random adjoint problem on features Z with per-sample Hessians (SPD)."""
+    g = torch.Generator().manual_seed(seed)
+    Z_in = torch.randn(n, p, generator=g, dtype=torch.float64)
+    Z_out = torch.randn(m, p, generator=g, dtype=torch.float64)
+    if isotropic:
+        c = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
+        H = c[:, None, None] * torch.eye(d, dtype=torch.float64)
+    else:
+        B = torch.randn(n, d, d, generator=g, dtype=torch.float64)
+        H = B @ B.transpose(1, 2) + 0.3 * torch.eye(d, dtype=torch.float64)
+    G = torch.randn(m, d, generator=g, dtype=torch.float64)
+    V = torch.zeros(n, d, dtype=torch.float64)
+    hess = OutputHessian(H, None, V)
+    return AdjointProblem(Z_in, Z_out, hess, G, Z_in, Z_out), H
+
+
+def _brute_force(prob, H, lam):
+    """Solve the normal equations of J(W) + λ/2‖W‖² by a dense Kronecker system."""
+    Z = torch.cat([prob.z_in, torch.ones(prob.z_in.shape[0], 1, dtype=torch.float64)], 1)
+    Zo = torch.cat([prob.z_out, torch.ones(prob.z_out.shape[0], 1, dtype=torch.float64)], 1)
+    n, q = Z.shape
+    d = H.shape[1]
+    # vec(H_i W z_i z_iᵀ) = (z_i z_iᵀ ⊗ H_i) vec(W)  (column-major vec)
+    A = sum(torch.kron(torch.outer(Z[i], Z[i]), H[i]) for i in range(n)) / n
+    A = A + lam * torch.eye(q * d, dtype=torch.float64)
+    M = -(prob.g_out.T @ Zo) / Zo.shape[0]
+    w = torch.linalg.solve(A, M.T.reshape(-1))
+    W = w.reshape(q, d).T
+    return Z @ W.T
+
+
+@pytest.mark.parametrize("isotropic", [True, False])
+@pytest.mark.parametrize("n", [40, 5])  # n > p+1: primal solve; n < p+1: Woodbury (dual) solve
+def test_linear_adjoint_matches_brute_force(isotropic, n):
+    prob, H = _adjoint_problem(n=n, isotropic=isotropic)
+    lam = 1e-3
+    adj = LinearAdjoint(ridge=lam, relative=False, solver=funcbo.CG(maxiter=200, tol=1e-13))
+    adj.head = nn.Identity()  # features are given directly
+    A = adj.solve(prob)
+    assert rel_err(A, _brute_force(prob, H, lam)) <= 1e-8
+    assert adj.stats["adjoint_isotropic"] == float(isotropic)
+
+
+def test_relative_ridge_is_scale_free():
+    prob, _ = _adjoint_problem()
+    adj = LinearAdjoint(ridge=1e-4)
+    adj.head = nn.Identity()
+    A1 = adj.solve(prob)
+    scaled = AdjointProblem(
+        prob.x_in, prob.x_out, prob.hessian, prob.g_out, 10 * prob.z_in, 10 * prob.z_out
+    )
+    A2 = adj.solve(scaled)
+    # W scales by 1/10 except the bias column; with bias the adjoints differ only through it.
+    assert rel_err(A2, A1) <= 0.2
+    assert adj.stats["adjoint_ridge"] > 50 * 1e-4
+
+
+def test_network_and_linear_adjoints_agree_isotropic():
+    # The adjoint network is linear in the features, exactly what the linear adjoint spans.
+    lq = LinearQuadratic(seed=4)
+    outer, inner = lq.make_outer(), lq.make_inner()
+    lq.set_inner_to_solution(inner, outer.weight)
+    lin = funcbo.FuncID(
+        inner, torch.optim.SGD(inner.parameters(), lr=0.1), 0, funcbo.LinearAdjoint(ridge=1e-13)
+    )
+    net = funcbo.FuncID(
+        inner,
+        torch.optim.SGD(inner.parameters(), lr=0.1),
+        0,
+        funcbo.NetworkAdjoint(optimizer=lbfgs, steps=1),
+    )
+    g_lin = lin.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    g_net = net.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    assert rel_err(g_net, g_lin) <= 1e-7
+    # The ½ in J: both reach the same minimum value J(a*) = −½⟨d, C⁻¹d⟩.
+    assert net.stats["adjoint_loss"] == pytest.approx(lin.stats["adjoint_loss"], rel=1e-9)
+
+
+def test_network_and_linear_adjoints_agree_non_isotropic():
+    # Softmax inner loss (general Hessians): structured CG vs a network adjoint on the same
+    # one-hot features, which both represent any function of the K groups exactly.
+    sm = SoftmaxIV(mu=0.05, seed=2)
+    outer = sm.make_outer()
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(sm.K, sm.d)).double()
+    inner_opt = lbfgs(inner.parameters())
+    lin = funcbo.FuncID(inner, inner_opt, 1, funcbo.LinearAdjoint(ridge=1e-13))
+    g_lin = lin.step(sm.problem, outer, sm.inner_batch, sm.outer_batch)
+    net = funcbo.FuncID(inner, inner_opt, 0, funcbo.NetworkAdjoint(optimizer=lbfgs, steps=1))
+    g_net = net.step(sm.problem, outer, sm.inner_batch, sm.outer_batch)
+    assert lin.stats["adjoint_isotropic"] == 0.0
+    assert rel_err(g_net, g_lin) <= 1e-6
+
+
+def test_network_adjoint_default_is_fresh_copy_of_inner_architecture():
+    inner = mlp([3, 8, 2]).double()
+    adj = NetworkAdjoint(steps=1)
+    adj.bind(inner)
+    assert isinstance(adj.model, nn.Sequential) and adj.model is not inner
+    assert [p.shape for p in adj.model.parameters()] == [p.shape for p in inner.parameters()]
+    assert not torch.equal(adj.model[0].weight, inner[0].weight)
+    warm = NetworkAdjoint(steps=1, init="inner")
+    warm.bind(inner)
+    assert torch.equal(warm.model[0].weight, inner[0].weight)
+
+
+def test_network_adjoint_without_warm_start_resets_each_solve():
+    prob, _ = _adjoint_problem()
+    model = nn.Linear(6, 3).double()
+    w0 = model.weight.detach().clone()
+    adj = NetworkAdjoint(model, lambda p: torch.optim.SGD(p, lr=0.1), steps=3, warm_start=False)
+    adj.bind(model)
+    a1 = adj.solve(prob)
+    a2 = adj.solve(prob)
+    assert torch.allclose(a1, a2)
+    assert not torch.equal(model.weight, w0)
+    warm = NetworkAdjoint(
+        copy.deepcopy(nn.Linear(6, 3).double()), lambda p: torch.optim.SGD(p, lr=0.1), steps=3
+    )
+    b1, b2 = warm.solve(prob), warm.solve(prob)
+    assert not torch.allclose(b1, b2)
+
+
+def test_reset_parameters_reaches_spectral_norm_originals():
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    net = nn.Sequential(spectral_norm(nn.Linear(4, 3)), nn.ReLU(), nn.Linear(3, 2))
+    before = net[0].parametrizations.weight.original.detach().clone()
+    reset_parameters(net)
+    assert not torch.equal(net[0].parametrizations.weight.original, before)
+
+
+def test_head_selection_and_errors():
+    inner = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    adj = LinearAdjoint()
+    adj.bind(inner)
+    assert adj.head is inner[2]
+    named = LinearAdjoint(head="0")
+    named.bind(inner)
+    assert named.head is inner[0]
+    with pytest.raises(ValueError, match="no submodule 'nope'"):
+        LinearAdjoint(head="nope").bind(inner)
+    with pytest.raises(ValueError, match=r"no nn\.Linear"):
+        LinearAdjoint().bind(nn.Sequential(nn.Tanh()))
+    with pytest.raises(ValueError, match="ridge > 0"):
+        LinearAdjoint(ridge=0.0)
+
+
+def test_head_called_twice_is_an_error():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    lq = LinearQuadratic(p=2, q=2, d=2)
+    inner = Twice().double()
+    est = funcbo.FuncID(inner, torch.optim.SGD(inner.parameters(), lr=0.1), 0)
+    with pytest.raises(RuntimeError, match="ran 4 times"):
+        est.step(lq.problem, lq.make_outer(), lq.inner_batch, lq.outer_batch)

@@ -1,0 +1,135 @@
+"""Solvers on tuples of tensors and output-space Hessians via torch.func."""
+
+import pytest
+import torch
+from helpers import rel_err
+
+from funcbo.errors import NonFiniteLossError
+from funcbo.linalg import CG, Identity, Neumann, OutputHessian
+
+
+def _spd(n, seed=0, cond=10.0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    ev = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)
+    return Q @ torch.diag(ev) @ Q.T
+
+
+def _split_matvec(A, sizes):
+    def mv(v):
+        x = torch.cat([t.reshape(-1) for t in v])
+        y = A @ x
+        return tuple(
+            y[sum(sizes[:i]) : sum(sizes[: i + 1])].reshape(v[i].shape) for i in range(len(v))
+        )
+
+    return mv
+
+
+def test_cg_solves_tuple_system_exactly():
+    A = _spd(12)
+    b = (torch.randn(2, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64))
+    cg = CG(maxiter=50, tol=1e-14)
+    x = cg(_split_matvec(A, [6, 6]), b)
+    want = torch.linalg.solve(A, torch.cat([t.reshape(-1) for t in b]))
+    assert rel_err(torch.cat([t.reshape(-1) for t in x]), want) <= 1e-10
+    assert 1 <= cg.info.iterations <= 13 and cg.info.residual <= 1e-13
+
+
+def test_cg_warm_start_from_solution_takes_no_iteration():
+    A = _spd(5)
+    b = (torch.randn(5, dtype=torch.float64),)
+    x = (torch.linalg.solve(A, b[0]),)
+    cg = CG(maxiter=10, tol=1e-10)
+    cg(lambda v: (A @ v[0],), b, x0=x)
+    assert cg.info.iterations == 0
+
+
+def test_cg_damping_and_preconditioner():
+    A = _spd(8, cond=1e4)
+    b = (torch.randn(8, dtype=torch.float64),)
+    x = CG(maxiter=100, tol=1e-14, damping=0.5)(lambda v: (A @ v[0],), b)
+    want = torch.linalg.solve(A + 0.5 * torch.eye(8, dtype=torch.float64), b[0])
+    assert rel_err(x[0], want) <= 1e-10
+    Ainv = torch.linalg.inv(A)
+    cg = CG(maxiter=100, tol=1e-12)
+    cg(lambda v: (A @ v[0],), b, preconditioner=lambda r: (Ainv @ r[0],))
+    assert cg.info.iterations <= 2
+
+
+def test_cg_non_finite_product_raises():
+    with pytest.raises(NonFiniteLossError):
+        CG(maxiter=3)(lambda v: (v[0] * float("nan"),), (torch.ones(3),))
+
+
+def test_neumann_converges_and_identity_is_b():
+    A = _spd(6, cond=3.0)
+    b = (torch.randn(6, dtype=torch.float64),)
+    lr = 1.0 / 3.0
+    x = Neumann(iters=400, lr=lr)(lambda v: (A @ v[0],), b)
+    assert rel_err(x[0], torch.linalg.solve(A, b[0])) <= 1e-10
+    # From x0 = 0 it is the truncated series lr·Σ_k (I − lr·A)^k b.
+    x3 = Neumann(iters=3, lr=lr)(lambda v: (A @ v[0],), b)
+    M = torch.eye(6, dtype=torch.float64) - lr * A
+    series = lr * (b[0] + M @ b[0] + M @ M @ b[0])
+    assert rel_err(x3[0], series) <= 1e-12
+    assert Identity(scale=2.0)(lambda v: v, b)[0].equal(2.0 * b[0])
+
+
+def _softmax_ridge(v, mu=0.1):
+    return torch.logsumexp(v, 1) + 0.5 * mu * (v**2).sum(1) - v[:, 0]
+
+
+def test_output_hessian_matches_autograd_hessian():
+    V = torch.randn(7, 4, dtype=torch.float64)
+    H = OutputHessian.of_loss(_softmax_ridge, V)
+    for i in range(7):
+        want = torch.autograd.functional.hessian(lambda v: _softmax_ridge(v[None])[0], V[i])
+        assert torch.allclose(H.dense[i], want, atol=1e-12)
+    A = torch.randn(7, 4, dtype=torch.float64)
+    assert torch.allclose(H.matvec(A), torch.einsum("bij,bj->bi", H.dense, A))
+    assert H.isotropic is None
+    assert torch.allclose(H.trace_scale(), torch.diagonal(H.dense, dim1=1, dim2=2).mean(1))
+
+
+def test_output_hessian_matrix_free_matches_dense():
+    V = torch.randn(5, 4, dtype=torch.float64)
+    dense = OutputHessian.of_loss(_softmax_ridge, V)
+    free = OutputHessian.of_loss(_softmax_ridge, V, dense=False)
+    assert free.dense is None
+    A = torch.randn(5, 4, dtype=torch.float64)
+    assert torch.allclose(free.matvec(A), dense.matvec(A), atol=1e-12)
+    est = free.trace_scale(probes=300, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(est, dense.trace_scale(), rtol=0.3)
+
+
+def test_isotropic_detection_and_scalar_outputs():
+    V = torch.randn(6, 3, dtype=torch.float64)
+    H = OutputHessian.of_loss(lambda v: 1.5 * (v**2).sum(1), V)
+    assert H.isotropic is not None and torch.allclose(
+        H.isotropic, torch.full((6,), 3.0, dtype=torch.float64)
+    )
+    s = OutputHessian.of_loss(
+        lambda v: torch.nn.functional.softplus(v[:, 0]) + v[:, 0] ** 2, V[:, :1]
+    )
+    assert s.isotropic is not None  # every 1×1 Hessian is isotropic
+
+
+def test_output_hessian_without_vmap_support_falls_back():
+    calls = []
+
+    def loss(v):
+        if v.sum() > 1e9:  # data-dependent Python branch: not vmappable
+            calls.append(1)
+        return (v**2).sum(1)
+
+    H = OutputHessian.of_loss(loss, torch.randn(4, 3, dtype=torch.float64))
+    assert torch.allclose(H.dense, 2 * torch.eye(3, dtype=torch.float64).expand(4, 3, 3))
+
+
+def test_output_hessian_carries_no_graph_to_outer_parameters():
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    H = OutputHessian.of_loss(
+        lambda v: (torch.exp(v * w)).sum(1), torch.randn(4, 3, dtype=torch.float64)
+    )
+    assert not H.dense.requires_grad
