@@ -8,7 +8,8 @@ library calls them unconditionally.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -81,6 +82,37 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src=src)
 
 
+def shard_batch(batch: Any, rank_: int | None = None, world: int | None = None) -> Any:
+    """This rank's contiguous slice of every tensor of a batch (tensors, tuples, lists, dicts).
+
+    Every rank draws the same global batch (same seed) and keeps its shard, so that the mean of
+    the ranks' shard means is the global mean: the batch size must be divisible by the number of
+    ranks. Non-tensor leaves are passed through.
+    """
+    r = rank() if rank_ is None else rank_
+    n = world_size() if world is None else world
+    if n == 1:
+        return batch
+
+    def cut(x: Any) -> Any:
+        if isinstance(x, Tensor) and x.dim() > 0:
+            b = x.shape[0]
+            if b % n:
+                raise ValueError(
+                    f"a batch of {b} samples cannot be split evenly across {n} ranks: use a "
+                    "global batch size divisible by the world size"
+                )
+            k = b // n
+            return x[r * k : (r + 1) * k]
+        if isinstance(x, Mapping):
+            return {key: cut(v) for key, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(cut(v) for v in x)
+        return x
+
+    return cut(batch)
+
+
 __all__ = [
     "all_reduce_mean",
     "all_reduce_mean_",
@@ -88,5 +120,6 @@ __all__ = [
     "differentiable_all_reduce_mean",
     "is_distributed",
     "rank",
+    "shard_batch",
     "world_size",
 ]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from funcbo.distributed import rank
+from funcbo.distributed import is_distributed, rank, shard_batch
 from funcbo.estimator import HypergradientEstimator
 from funcbo.io import append_jsonl, atomic_torch_save
 from funcbo.memory import peak_bytes, reset_peak
@@ -85,6 +85,10 @@ class Trainer:
             every ``eval_every`` iterations and after the last one.
         eval_every: evaluation period in outer iterations.
         device: where peak memory is measured (default: that of ``outer``'s first parameter).
+        shard: under ``torch.distributed``, keep only this rank's shard of every batch the
+            loaders yield (they must yield the same global batches on every rank, e.g. from
+            generators seeded alike); inner, adjoint and outer gradients are then averaged across
+            ranks, which equals one process training on the whole batches.
     """
 
     def __init__(
@@ -100,8 +104,10 @@ class Trainer:
         evaluate: Callable[[Trainer], Metrics] | None = None,
         eval_every: int = 1,
         device: torch.device | str | None = None,
+        shard: bool = True,
     ) -> None:
         self.problem = problem
+        self.shard = shard
         self.outer = outer
         self.estimator = estimator
         self.outer_optimizer = outer_optimizer
@@ -124,6 +130,9 @@ class Trainer:
         est = self.estimator
         inner_batches = [self.inner_stream.next() for _ in range(est.inner_steps)]
         outer_batch = self.outer_stream.next()
+        if self.shard and is_distributed():
+            inner_batches = [shard_batch(b) for b in inner_batches]
+            outer_batch = shard_batch(outer_batch)
         reset_peak(self.device)
         t0 = time.perf_counter()
         est.step(self.problem, self.outer, inner_batches, outer_batch)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from funcbo.experiments.methods import MethodConfig
+from funcbo.experiments.methods import LIBRARY_KINDS, MethodConfig
 
 
 class Task(ABC):
@@ -91,6 +91,7 @@ class ExperimentSpec:
         metric: the headline evaluation metric (a key of :meth:`Task.evaluate`).
         metric_mode: ``"min"`` or ``"max"``: which direction is better.
         description: one line for ``funcbo list``.
+        kinds: the method kinds ``make_task`` accepts.
     """
 
     name: str
@@ -100,6 +101,7 @@ class ExperimentSpec:
     metric: str
     metric_mode: str = "min"
     description: str = ""
+    kinds: tuple[str, ...] = LIBRARY_KINDS
 
 
 _REGISTRY: dict[str, ExperimentSpec] = {}
@@ -123,6 +125,12 @@ def get_experiment(name: str) -> ExperimentSpec:
     """The registered experiment called ``name`` (importing its module if needed)."""
     if name not in _REGISTRY and name in _LAZY:
         importlib.import_module(_LAZY[name])
+    if name not in _REGISTRY and ":" in name:
+        # "package.module:experiment" names a user's own experiment module.
+        module, _, short = name.partition(":")
+        importlib.import_module(module)
+        if short in _REGISTRY:
+            _REGISTRY[name] = _REGISTRY[short]
     if name not in _REGISTRY:
         known = sorted(set(_REGISTRY) | set(_LAZY))
         raise KeyError(f"unknown experiment {name!r}; known: {', '.join(known) or 'none'}")

@@ -1,0 +1,177 @@
+"""The ``funcbo`` command: run sweeps from configs, report on them, run the demo.
+
+    funcbo run CONFIG [--set key=value ...] [--methods a,b] [--seeds 0-19] [--workers N] [--out DIR]
+    funcbo report DIR [--out DIR] [--name NAME]
+    funcbo demo [--workers N] [--out DIR]
+    funcbo list
+
+Also available as ``python -m funcbo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from funcbo.experiments.task import known_experiments, register_lazy
+
+#: experiments shipped with funcbo, imported on first use
+BUILTIN_EXPERIMENTS = {
+    "linear_iv": "funcbo.apps.linear_iv",
+    "iv_dsprites": "funcbo.apps.iv.experiment",
+    "iv_demand": "funcbo.apps.iv.experiment",
+    "rl_cartpole": "funcbo.apps.rl.experiment",
+}
+for _name, _module in BUILTIN_EXPERIMENTS.items():
+    register_lazy(_name, _module)
+
+#: the config ``funcbo demo`` runs (relative to the repository root)
+DEMO_CONFIG = "configs/demo.yaml"
+
+
+def repo_root() -> Path:
+    """The source checkout this package lives in (configs/ sits at its root)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from funcbo.experiments.config import load_config, parse_seeds, plan_runs
+    from funcbo.experiments.runner import RunOptions, run_sweep
+
+    cfg = load_config(args.config, args.set)
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    runs = plan_runs(cfg, _split(args.methods), seeds)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    opts = RunOptions(
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        threads=cfg.threads,
+        tensorboard=cfg.tensorboard,
+    )
+    print(f"{cfg.name}: {len(runs)} runs ({cfg.experiment}) -> {out}", file=sys.stderr)
+    if args.dry_run:
+        for r in runs:
+            print(r.run_id)
+        return 0
+    res = run_sweep(runs, out, workers=args.workers, options=opts, progress=not args.quiet)
+    print(
+        f"{len(res.finished)} finished, {len(res.skipped)} already done, {len(res.failed)} failed "
+        f"in {res.wall_time_s:.1f} s",
+        file=sys.stderr,
+    )
+    for run_id, err in res.failed.items():
+        print(
+            f"  FAILED {run_id}: {err} (traceback in {out / run_id / 'error.txt'})", file=sys.stderr
+        )
+    return 0 if res.ok else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from funcbo.experiments.report import make_report
+
+    rep = make_report(args.dir, args.out, args.name)
+    print(rep.markdown)
+    for p in rep.figures:
+        print(f"figure: {p}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from funcbo.experiments.config import load_config, plan_runs
+    from funcbo.experiments.report import make_report
+    from funcbo.experiments.runner import RunOptions, run_sweep
+
+    path = repo_root() / DEMO_CONFIG
+    if not path.exists():
+        print(f"funcbo demo needs a source checkout: {path} not found", file=sys.stderr)
+        return 2
+    cfg = load_config(path, args.set)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    runs = plan_runs(cfg)
+    t0 = time.perf_counter()
+    print(f"demo: {len(runs)} runs of {cfg.experiment} -> {out}", file=sys.stderr)
+    opts = RunOptions(cfg.log_every, cfg.checkpoint_every, cfg.threads, cfg.tensorboard)
+    res = run_sweep(runs, out, workers=args.workers, options=opts, progress=not args.quiet)
+    rep = make_report(out)
+    print(rep.markdown)
+    for p in rep.figures:
+        print(f"figure: {p}")
+    print(f"demo wall time: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0 if res.ok else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from funcbo.experiments.task import get_experiment
+
+    for name in known_experiments():
+        try:
+            spec = get_experiment(name)
+            print(f"{name:14s} metric={spec.metric} ({spec.metric_mode})  {spec.description}")
+        except Exception as e:
+            print(f"{name:14s} unavailable: {type(e).__name__}: {e}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="funcbo", description="Functional bilevel optimization")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a config's methods × seeds (resumable)")
+    run.add_argument("config", help="YAML config file (see configs/)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. problem.n=500 (repeatable)",
+    )
+    run.add_argument("--methods", help="comma-separated subset of the config's methods")
+    run.add_argument("--seeds", help="seeds, e.g. 0-19 or 0,3,5 (default: the config's)")
+    run.add_argument("--workers", type=int, default=1, help="runs in parallel processes")
+    run.add_argument("--out", help="output directory (default: runs/<config name>)")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="aggregate finished runs into tables and figures")
+    rep.add_argument("dir", help="a sweep's output directory")
+    rep.add_argument("--out", help="where to write the report (default: DIR)")
+    rep.add_argument("--name", help="file name stem of the report (default: the sweep's name)")
+    rep.set_defaults(func=cmd_report)
+
+    demo = sub.add_parser("demo", help="the README's main job: a small end-to-end comparison")
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--out", help="output directory (default: runs/<demo config name>)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    lst = sub.add_parser("list", help="list the registered experiments")
+    lst.set_defaults(func=cmd_list)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from funcbo.experiments.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished runs are kept; run the same command to resume", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""Run sweeps of (method, seed) runs: resumable, in parallel processes, failure-isolated.
+
+:func:`execute_run` runs one :class:`~funcbo.experiments.config.PlannedRun` in the current
+process: it skips a finished run, resumes an interrupted one from its last checkpoint (the
+task's state and every random generator), logs metrics, evaluates periodically and checkpoints
+atomically. Killed at any point (even by SIGKILL), the run resumes and ends with the same final
+metrics as an uninterrupted run with the same seed.
+
+:func:`run_sweep` runs many of them, ``workers`` at a time in separate processes, with an overall
+progress bar and per-run progress; a failing run leaves its traceback in its directory and does
+not stop the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import queue
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from funcbo.experiments.config import PlannedRun, dump_yaml, to_plain
+from funcbo.experiments.store import SWEEP, RunDir
+from funcbo.experiments.task import get_experiment
+from funcbo.io import atomic_write_json
+
+ProgressFn = Callable[[str, int, int], None]
+
+#: keys of a task's step metrics that the runner replaces with its own
+_RUNNER_KEYS = ("iteration", "time_s", "wall_time_s")
+
+
+@dataclass
+class RunOptions:
+    """How runs are executed (not part of what they compute)."""
+
+    log_every: int = 1
+    checkpoint_every: int = 200
+    threads: int | None = None
+    tensorboard: bool = False
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": _lists(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    ns = state["numpy"]
+    np.random.set_state((ns[0], ns[1].numpy().astype(np.uint32), *ns[2:]))
+    random.setstate(_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _lists(x: Any) -> Any:
+    return [_lists(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _numeric(d: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+        elif isinstance(v, torch.Tensor) and v.numel() == 1:
+            out[k] = float(v)
+    return out
+
+
+class _TensorBoard:
+    def __init__(self, path: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(
+                "tensorboard logging needs the tensorboard package: pip install tensorboard"
+            ) from e
+        self.writer = SummaryWriter(str(path))
+
+    def log(self, record: dict[str, Any]) -> None:
+        it = int(record["iteration"])
+        for k, v in _numeric(record).items():
+            if k != "iteration":
+                self.writer.add_scalar(k, v, it)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _summary_base(run: PlannedRun) -> dict[str, Any]:
+    exp = get_experiment(run.spec.experiment)
+    return {
+        "experiment": run.spec.experiment,
+        "name": run.config.name,
+        "method": run.method,
+        "variant": run.variant,
+        "seed": run.seed,
+        "grid_point": to_plain(run.point),
+        "iterations": run.spec.iterations,
+        "metric": exp.metric,
+        "metric_mode": exp.metric_mode,
+    }
+
+
+def run_config_text(run: PlannedRun) -> str:
+    """The resolved config of one run, as YAML."""
+    d = run.config.to_dict()
+    d["methods"] = {run.method: d["methods"][run.method]}
+    d["seeds"] = [run.seed]
+    d.pop("grid", None)
+    header = {
+        "run": {
+            "method": run.method,
+            "variant": run.variant,
+            "seed": run.seed,
+            "grid_point": to_plain(run.point),
+        }
+    }
+    return dump_yaml({**header, **d})
+
+
+def execute_run(
+    run: PlannedRun,
+    out: str | Path,
+    options: RunOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or skip) one run; returns its summary. Exceptions propagate after the
+    failure is recorded in the run directory."""
+    opts = options or RunOptions()
+    rd = RunDir(Path(out) / run.run_id)
+    done = rd.summary()
+    if done is not None and done.get("status") == "finished":
+        done["skipped"] = True
+        return done
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    exp = get_experiment(run.spec.experiment)
+    base = _summary_base(run)
+    total = run.spec.iterations
+    eval_every = run.spec.eval_every
+    tb: _TensorBoard | None = None
+    try:
+        _seed_everything(run.seed)
+        task = exp.make_task(run.spec)
+        ckpt = rd.load_checkpoint() if rd.path.exists() else None
+        if ckpt is not None:
+            task.load_state_dict(ckpt["task"])
+            _set_rng_state(ckpt["rng"])
+            start, elapsed = int(ckpt["iteration"]), float(ckpt["elapsed"])
+            last_eval: dict[str, float] = dict(ckpt["last_eval"])
+            last_train: dict[str, float] = dict(ckpt["last_train"])
+            rd.truncate_metrics(start)
+        else:
+            rd.clear()
+            rd.path.mkdir(parents=True, exist_ok=True)
+            rd.write_config(run_config_text(run))
+            start, elapsed, last_train = 0, 0.0, {}
+            t0 = time.perf_counter()
+            last_eval = _numeric(task.evaluate())
+            elapsed += time.perf_counter() - t0
+            rd.append_metrics({"iteration": 0, "wall_time_s": elapsed, **last_eval})
+        if opts.tensorboard:
+            tb = _TensorBoard(rd.path / "tensorboard")
+        rd.write_summary(
+            {
+                **base,
+                "status": "running",
+                "iteration": start,
+                "wall_time_s": elapsed,
+                "final": {},
+                "error": None,
+            }
+        )
+        for it in range(start + 1, total + 1):
+            t0 = time.perf_counter()
+            metrics = _numeric(task.step())
+            for key in _RUNNER_KEYS:  # the runner owns the iteration count and the clock
+                metrics.pop(key, None)
+            is_eval = it % eval_every == 0 or it == total
+            if is_eval:
+                last_eval = _numeric(task.evaluate())
+            elapsed += time.perf_counter() - t0
+            last_train = metrics
+            if is_eval or it % opts.log_every == 0:
+                record = {"iteration": it, "wall_time_s": elapsed, **metrics}
+                if is_eval:
+                    record.update(last_eval)
+                rd.append_metrics(record)
+                if tb is not None:
+                    tb.log(record)
+            if it % opts.checkpoint_every == 0 or it == total:
+                rd.save_checkpoint(
+                    {
+                        "task": task.state_dict(),
+                        "rng": _rng_state(),
+                        "iteration": it,
+                        "elapsed": elapsed,
+                        "last_eval": last_eval,
+                        "last_train": last_train,
+                    }
+                )
+            if progress is not None:
+                progress(run.run_id, it, total)
+        summary = {
+            **base,
+            "status": "finished",
+            "iteration": total,
+            "wall_time_s": elapsed,
+            "final": {**last_train, **last_eval},
+            "error": None,
+        }
+        rd.write_summary(summary)
+        return summary
+    except BaseException as e:
+        tb_text = traceback.format_exc()
+        rd.path.mkdir(parents=True, exist_ok=True)
+        rd.write_error(tb_text)
+        prev = rd.summary() or {}
+        rd.write_summary(
+            {
+                **base,
+                "status": "failed",
+                "iteration": prev.get("iteration", 0),
+                "wall_time_s": prev.get("wall_time_s", 0.0),
+                "final": {},
+                "error": f"{type(e).__name__}: {e}",
+            }
+        )
+        raise
+    finally:
+        if tb is not None:
+            tb.close()
+
+
+# --------------------------------------------------------------------------------- sweeps
+@dataclass
+class SweepResult:
+    """What a sweep did."""
+
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _worker(run: PlannedRun, out: str, options: RunOptions, q: Any, module: str) -> None:
+    importlib.import_module(module)
+
+    def report(run_id: str, it: int, total: int) -> None:
+        if it == total or it % max(1, total // 200) == 0:
+            q.put(("progress", run_id, it, total))
+
+    try:
+        summary = execute_run(run, out, options, report)
+        q.put(("done", run.run_id, bool(summary.get("skipped")), ""))
+    except BaseException as e:
+        q.put(("failed", run.run_id, False, f"{type(e).__name__}: {e}"))
+        sys.exit(1)
+
+
+class _Progress:
+    """Overall bar (runs done, ETA) plus one bar per active run; plain lines without a TTY."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self.last_print = 0.0
+        self.runs: dict[str, tuple[int, int]] = {}
+        self._bars: dict[str, Any] = {}
+        self._overall: Any = None
+        if self.tty:
+            try:
+                from tqdm.auto import tqdm
+
+                self._tqdm = tqdm
+                self._overall = tqdm(
+                    total=total, desc="runs", unit="run", position=0, dynamic_ncols=True
+                )
+            except ImportError:
+                self.tty = False
+
+    def update(self, run_id: str, it: int, total: int) -> None:
+        self.runs[run_id] = (it, total)
+        if self.tty:
+            bar = self._bars.get(run_id)
+            if bar is None:
+                bar = self._tqdm(
+                    total=total,
+                    desc=run_id,
+                    position=len(self._bars) + 1,
+                    leave=False,
+                    dynamic_ncols=True,
+                    unit="it",
+                )
+                self._bars[run_id] = bar
+            bar.update(it - bar.n)
+        elif self.enabled and time.perf_counter() - self.last_print > 30:
+            self.last_print = time.perf_counter()
+            active = ", ".join(f"{r} {i}/{t}" for r, (i, t) in self.runs.items())
+            print(f"[{self.done}/{self.total} runs done] {active}", file=sys.stderr, flush=True)
+
+    def finish(self, run_id: str, status: str) -> None:
+        self.done += 1
+        self.runs.pop(run_id, None)
+        if self.tty:
+            bar = self._bars.pop(run_id, None)
+            if bar is not None:
+                bar.close()
+            self._overall.update(1)
+            if status != "finished":
+                self._overall.write(f"{run_id}: {status}")
+        elif self.enabled:
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / self.done * (self.total - self.done)
+            print(
+                f"[{self.done}/{self.total} runs] {run_id}: {status} "
+                f"(elapsed {elapsed:.0f} s, ETA {eta:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        if self._overall is not None:
+            self._overall.close()
+
+
+def write_sweep_file(out: Path, runs: list[PlannedRun]) -> None:
+    """``sweep.json``: what the sweep is (read by the report)."""
+    if not runs:
+        return
+    cfg = runs[0].config
+    atomic_write_json(
+        out / SWEEP,
+        {
+            "name": cfg.name,
+            "experiment": cfg.experiment,
+            "source": cfg.source,
+            "runs": [r.run_id for r in runs],
+        },
+    )
+
+
+def default_threads(workers: int) -> int:
+    """Torch threads per run so that ``workers`` runs share the machine's cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, workers))
+
+
+def run_sweep(
+    runs: list[PlannedRun],
+    out: str | Path,
+    *,
+    workers: int = 1,
+    options: RunOptions | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Execute runs (skipping finished ones), ``workers`` processes at a time."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    opts = options or RunOptions()
+    if opts.threads is None:
+        opts = RunOptions(
+            opts.log_every, opts.checkpoint_every, default_threads(workers), opts.tensorboard
+        )
+    write_sweep_file(out, runs)
+    result = SweepResult()
+    t0 = time.perf_counter()
+    bar = _Progress(len(runs), progress)
+    try:
+        if workers <= 1:
+            for run in runs:
+                try:
+                    s = execute_run(run, out, opts, bar.update)
+                except Exception as e:
+                    result.failed[run.run_id] = f"{type(e).__name__}: {e}"
+                    bar.finish(run.run_id, "failed (see error.txt)")
+                    continue
+                (result.skipped if s.get("skipped") else result.finished).append(run.run_id)
+                bar.finish(
+                    run.run_id, "skipped (finished before)" if s.get("skipped") else "finished"
+                )
+        else:
+            _run_parallel(runs, out, workers, opts, bar, result)
+    finally:
+        bar.close()
+    result.wall_time_s = time.perf_counter() - t0
+    return result
+
+
+def _run_parallel(
+    runs: list[PlannedRun],
+    out: Path,
+    workers: int,
+    opts: RunOptions,
+    bar: _Progress,
+    result: SweepResult,
+) -> None:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    pending = list(runs)
+    active: dict[str, tuple[Any, PlannedRun]] = {}
+    reported: set[str] = set()
+
+    def handle(msg: tuple[Any, ...]) -> None:
+        kind, run_id = msg[0], msg[1]
+        if kind == "progress":
+            bar.update(run_id, msg[2], msg[3])
+        elif kind == "done":
+            reported.add(run_id)
+            (result.skipped if msg[2] else result.finished).append(run_id)
+            bar.finish(run_id, "skipped (finished before)" if msg[2] else "finished")
+        elif kind == "failed":
+            reported.add(run_id)
+            result.failed[run_id] = msg[3]
+            bar.finish(run_id, f"failed: {msg[3]} (see error.txt)")
+
+    while pending or active:
+        while pending and len(active) < workers:
+            run = pending.pop(0)
+            module = get_experiment(run.spec.experiment).make_task.__module__
+            p = ctx.Process(target=_worker, args=(run, str(out), opts, q, module), daemon=False)
+            p.start()
+            active[run.run_id] = (p, run)
+        try:
+            handle(q.get(timeout=0.2))
+            while True:
+                handle(q.get_nowait())
+        except queue.Empty:
+            pass
+        for run_id, (p, run) in list(active.items()):
+            if p.is_alive():
+                continue
+            p.join()
+            # Drain messages the process sent just before exiting.
+            try:
+                while True:
+                    handle(q.get_nowait())
+            except queue.Empty:
+                pass
+            del active[run_id]
+            if run_id not in reported:
+                reason = f"worker process exited with code {p.exitcode}"
+                rd = RunDir(out / run_id)
+                prev = rd.summary() or {}
+                rd.path.mkdir(parents=True, exist_ok=True)
+                rd.write_error(reason + "\n")
+                rd.write_summary(
+                    {
+                        **_summary_base(run),
+                        **{k: prev.get(k) for k in ("iteration", "wall_time_s")},
+                        "status": "failed",
+                        "final": {},
+                        "error": reason,
+                    }
+                )
+                result.failed[run_id] = reason
+                bar.finish(run_id, f"failed: {reason}")
+
+
+__all__ = ["RunOptions", "SweepResult", "default_threads", "execute_run", "run_sweep"]

@@ -1,0 +1,131 @@
+"""The run store: one directory per run, every file written atomically.
+
+Layout of a sweep written by ``funcbo run CONFIG --out OUT``::
+
+    OUT/
+      sweep.json                      the sweep: config name, experiment, runs planned
+      <variant>/seed_<k>/             one run (variant = method, or method__key-value for grids)
+        config.yaml                   the resolved config of this run
+        metrics.jsonl                 one JSON line per logged iteration
+        summary.json                  status and final metrics
+        checkpoint.pt                 last checkpoint (task state, iteration, RNG states)
+        error.txt                     traceback, when the run failed
+        tensorboard/                  event files, when enabled
+
+``metrics.jsonl`` lines hold ``iteration`` (0 = before training), ``wall_time_s`` (time spent in
+the run, summed over resumes) and whatever the task reports: ``outer_loss``, ``inner_loss``,
+``adjoint_loss``, ``grad_norm``, ``peak_memory_mb``, ... and, on evaluation iterations, the
+evaluation metrics (e.g. ``test_mse``).
+
+``summary.json`` = {"status": "running" | "finished" | "failed", "experiment", "name", "method",
+"variant", "seed", "grid_point", "iterations", "iteration", "metric", "metric_mode",
+"wall_time_s", "final": {metric: value}, "error": str | None}; ``final`` holds the last
+evaluation metrics and the last training metrics of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from funcbo.io import (
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+)
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
+ERROR = "error.txt"
+SWEEP = "sweep.json"
+
+
+class RunDir:
+    """Files of one run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def error_path(self) -> Path:
+        return self.path / ERROR
+
+    def summary(self) -> dict[str, Any] | None:
+        """The run's summary, or None if it has none yet."""
+        if not self.summary_path.exists():
+            return None
+        return json.loads(self.summary_path.read_text())
+
+    def is_finished(self) -> bool:
+        s = self.summary()
+        return s is not None and s.get("status") == "finished"
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.summary_path, summary)
+
+    def write_config(self, text: str) -> None:
+        atomic_write_text(self.config_path, text)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.metrics_path, record)
+
+    def truncate_metrics(self, last_iteration: int) -> None:
+        """Keep only lines up to ``last_iteration`` (a resumed run redoes the rest)."""
+        kept = [r for r in self.metrics() if int(r.get("iteration", 0)) <= last_iteration]
+        atomic_write_text(
+            self.metrics_path,
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept),
+        )
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_torch_save(state, self.checkpoint_path)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The last checkpoint (loaded with ``weights_only=True``), or None."""
+        if not self.checkpoint_path.exists():
+            return None
+        return torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
+
+    def write_error(self, text: str) -> None:
+        atomic_write_text(self.error_path, text)
+
+    def clear(self) -> None:
+        """Remove every file of the run (a fresh start)."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+
+
+def find_runs(root: str | Path) -> list[RunDir]:
+    """Every run directory (one holding a summary.json) under ``root``, sorted."""
+    root = Path(root)
+    return [RunDir(p.parent) for p in sorted(root.rglob(SUMMARY))]
+
+
+__all__ = ["CHECKPOINT", "CONFIG", "ERROR", "METRICS", "SUMMARY", "SWEEP", "RunDir", "find_runs"]
