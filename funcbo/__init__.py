@@ -25,7 +25,14 @@ from funcbo.linalg import CG, Identity, Neumann, OutputHessian
 from funcbo.parametric import AID, ITD
 from funcbo.penalty import GradientPenalty, ValuePenalty
 from funcbo.problem import BilevelProblem
-from funcbo.trainer import Callback, Checkpoint, JSONLLogger, ProgressBar, Trainer
+from funcbo.trainer import (
+    Callback,
+    Checkpoint,
+    JSONLLogger,
+    ProgressBar,
+    TensorBoardLogger,
+    Trainer,
+)
 
 __version__ = "0.1.0"
 
@@ -54,6 +61,7 @@ __all__ = [
     "OutputHessian",
     "ProgressBar",
     "ShapeError",
+    "TensorBoardLogger",
     "Trainer",
     "ValuePenalty",
     "__version__",

@@ -48,12 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds else None
     runs = plan_runs(cfg, _split(args.methods), seeds)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
-    opts = RunOptions(
-        log_every=cfg.log_every,
-        checkpoint_every=cfg.checkpoint_every,
-        threads=cfg.threads,
-        tensorboard=cfg.tensorboard,
-    )
+    opts = RunOptions.from_config(cfg)
     print(f"{cfg.name}: {len(runs)} runs ({cfg.experiment}) -> {out}", file=sys.stderr)
     if args.dry_run:
         for r in runs:
@@ -96,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     runs = plan_runs(cfg)
     t0 = time.perf_counter()
     print(f"demo: {len(runs)} runs of {cfg.experiment} -> {out}", file=sys.stderr)
-    opts = RunOptions(cfg.log_every, cfg.checkpoint_every, cfg.threads, cfg.tensorboard)
+    opts = RunOptions.from_config(cfg)
     res = run_sweep(runs, out, workers=args.workers, options=opts, progress=not args.quiet)
     rep = make_report(out)
     print(rep.markdown)

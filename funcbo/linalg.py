@@ -58,10 +58,13 @@ class SolveInfo:
 class CG:
     """Conjugate gradient for A x = b with A symmetric positive definite.
 
-    Stops after ``maxiter`` iterations or when ‖r‖ ≤ tol·‖b‖. ``damping`` solves (A + damping·I)
-    instead, which keeps CG well defined when A is only positive semi-definite (a parameter-space
-    Hessian of an over-parameterised network, say). An optional ``preconditioner`` M ≈ A⁻¹ turns
-    it into preconditioned CG.
+    Stops after ``maxiter`` iterations, when ‖r‖ ≤ tol·‖b‖, or on negative curvature, and returns
+    the iterate of smallest residual; a warm start x0 whose residual exceeds ‖b‖ is replaced by
+    zero. These safeguards matter for parameter-space Hessians of non-convex inner problems, on
+    which plain CG can diverge across warm-started outer iterations. ``damping`` solves
+    (A + damping·I) instead, which keeps CG well defined when A is only positive semi-definite
+    (a parameter-space Hessian of an over-parameterised network, say). An optional
+    ``preconditioner`` M ≈ A⁻¹ turns it into preconditioned CG.
     """
 
     maxiter: int = 10
@@ -83,29 +86,32 @@ class CG:
         b = tuple(b)
         A = matvec if self.damping == 0 else _damped(matvec, self.damping)
         M = preconditioner if preconditioner is not None else (lambda r: r)
-        if x0 is None:
-            x = tuple(torch.zeros_like(t) for t in b)
-            r = b
-        else:
-            x = tuple(x0)
-            r = taxpy(-1.0, A(x), b)
-        z = M(r)
-        p = z
-        rz = tdot(r, z)
         bnorm = tnorm(b)
-        it = 0
-        res = tnorm(r)
         if bnorm == 0.0:
             self.info = SolveInfo(0, 0.0)
             return tuple(torch.zeros_like(t) for t in b)
+        x = tuple(torch.zeros_like(t) for t in b)
+        r = b
+        if x0 is not None:
+            r0 = taxpy(-1.0, A(tuple(x0)), b)
+            # A warm start worse than zero (the operator changed a lot, or is indefinite) would
+            # only carry the error forward: start from zero instead.
+            if tnorm(r0) < bnorm:
+                x, r = tuple(x0), r0
+        z = M(r)
+        p = z
+        rz = tdot(r, z)
+        it = 0
+        res = tnorm(r)
+        best_x, best_res = x, res
         while it < self.maxiter and res > self.tol * bnorm:
             Ap = A(p)
             pAp = tdot(p, Ap)
             if not torch.isfinite(pAp):
                 raise NonFiniteLossError("CG: a Hessian-vector product is not finite")
             if pAp <= 0:
-                # Negative curvature: the operator is not positive definite along p. Stop with
-                # the current iterate rather than stepping to a saddle.
+                # Negative curvature: the operator is not positive definite along p. Stop rather
+                # than step towards a saddle.
                 break
             alpha = rz / pAp
             x = taxpy(alpha, p, x)
@@ -116,8 +122,12 @@ class CG:
             rz = rz_new
             it += 1
             res = tnorm(r)
-        self.info = SolveInfo(it, res / bnorm)
-        return x
+            if res < best_res:
+                best_x, best_res = x, res
+        # On an indefinite or nearly singular operator the residual is not monotone: return the
+        # iterate with the smallest residual (the last one whenever CG behaves).
+        self.info = SolveInfo(it, best_res / bnorm)
+        return best_x
 
 
 @dataclass

@@ -303,4 +303,48 @@ class Checkpoint(Callback):
         self._save(trainer)
 
 
-__all__ = ["BatchStream", "Callback", "Checkpoint", "JSONLLogger", "ProgressBar", "Trainer"]
+class TensorBoardLogger(Callback):
+    """Writes every numeric metric as a TensorBoard scalar (rank 0); needs ``tensorboard``.
+
+    Optional: the import happens when the logger is created, with a clear error if missing.
+    """
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(
+                "TensorBoardLogger needs the tensorboard package: pip install tensorboard"
+            ) from e
+        self.writer = SummaryWriter(str(log_dir)) if rank() == 0 else None
+
+    def log(self, metrics: Metrics, step: int) -> None:
+        """Write the numeric entries of ``metrics`` at ``step``."""
+        if self.writer is None:
+            return
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration":
+                self.writer.add_scalar(k, v, step)
+
+    def on_step(self, trainer: Trainer, metrics: Metrics) -> None:
+        self.log(metrics, trainer.iteration)
+
+    def on_end(self, trainer: Trainer) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
+
+
+__all__ = [
+    "BatchStream",
+    "Callback",
+    "Checkpoint",
+    "JSONLLogger",
+    "ProgressBar",
+    "TensorBoardLogger",
+    "Trainer",
+]

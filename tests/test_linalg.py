@@ -133,3 +133,22 @@ def test_output_hessian_carries_no_graph_to_outer_parameters():
         lambda v: (torch.exp(v * w)).sum(1), torch.randn(4, 3, dtype=torch.float64)
     )
     assert not H.dense.requires_grad
+
+
+def test_cg_discards_a_warm_start_worse_than_zero():
+    A = _spd(6)
+    b = (torch.randn(6, dtype=torch.float64),)
+    bad = (1e6 * torch.randn(6, dtype=torch.float64),)
+    cg = CG(maxiter=50, tol=1e-12)
+    x = cg(lambda v: (A @ v[0],), b, x0=bad)
+    assert rel_err(x[0], torch.linalg.solve(A, b[0])) <= 1e-8
+
+
+def test_cg_on_indefinite_operator_returns_smallest_residual_iterate():
+    A = torch.diag(torch.tensor([1.0, 1e-9, -1.0], dtype=torch.float64))
+    b = (torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64),)
+    cg = CG(maxiter=10)
+    x = cg(lambda v: (A @ v[0],), b)
+    r = b[0] - A @ x[0]
+    assert float(r.norm()) <= float(b[0].norm())  # never worse than x = 0
+    assert cg.info.residual == pytest.approx(float(r.norm() / b[0].norm()))

@@ -166,3 +166,11 @@ def test_sweep_file_names_the_sweep(tmp_path):
     run_sweep(plan_runs(cfg, seeds=[0]), tmp_path / "o", progress=False)
     sweep = json.loads((tmp_path / "o" / "sweep.json").read_text())
     assert sweep["name"] == "tiny" and sweep["experiment"] == "linear_iv"
+
+
+def test_tensorboard_event_files_when_enabled(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = load_config(_config(tmp_path, {**TINY, "tensorboard": True}))
+    run_sweep(plan_runs(cfg, seeds=[0]), tmp_path / "o", progress=False)
+    events = list((tmp_path / "o" / "lin/seed_0" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

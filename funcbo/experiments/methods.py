@@ -45,6 +45,8 @@ class MethodConfig:
         adjoint_optimizer, adjoint_lr, adjoint_steps, adjoint_init: network adjoint (FuncID).
         ridge: ridge of the closed-form linear adjoint (relative to the feature scale).
         solver, solver_iters, neumann_lr: AID's linear solver (``cg``, ``neumann``, ``identity``).
+        damping: CG solves (H + damping·I) v = b: keeps AID stable when the parameter-space
+            Hessian of an over-parameterised inner network is singular or indefinite.
         unroll, truncate: ITD's unrolled steps (its learning rate is ``inner_lr``).
         penalty: γ of the penalty methods.
         options: free-form extras for an application's own kinds.
@@ -66,6 +68,7 @@ class MethodConfig:
     solver: str = "cg"
     solver_iters: int = 10
     neumann_lr: float = 0.1
+    damping: float = 0.0
     unroll: int = 10
     truncate: int | None = None
     penalty: float = 10.0
@@ -130,7 +133,7 @@ def build_estimator(
     if kind == "aid":
         solver: CG | Neumann | Identity
         if cfg.solver == "cg":
-            solver = CG(maxiter=cfg.solver_iters)
+            solver = CG(maxiter=cfg.solver_iters, damping=cfg.damping)
         elif cfg.solver == "neumann":
             solver = Neumann(iters=cfg.solver_iters, lr=cfg.neumann_lr)
         elif cfg.solver == "identity":

@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from funcbo.experiments.config import PlannedRun, dump_yaml, to_plain
+from funcbo.experiments.config import ExperimentConfig, PlannedRun, dump_yaml, to_plain
 from funcbo.experiments.store import SWEEP, RunDir
 from funcbo.experiments.task import get_experiment
 from funcbo.io import atomic_write_json
+from funcbo.trainer import TensorBoardLogger
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -48,6 +49,11 @@ class RunOptions:
     checkpoint_every: int = 200
     threads: int | None = None
     tensorboard: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> RunOptions:
+        """The execution settings a config file asks for."""
+        return cls(cfg.log_every, cfg.checkpoint_every, cfg.threads, cfg.tensorboard)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -95,27 +101,6 @@ def _numeric(d: dict[str, Any]) -> dict[str, float]:
         elif isinstance(v, torch.Tensor) and v.numel() == 1:
             out[k] = float(v)
     return out
-
-
-class _TensorBoard:
-    def __init__(self, path: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ImportError(
-                "tensorboard logging needs the tensorboard package: pip install tensorboard"
-            ) from e
-        self.writer = SummaryWriter(str(path))
-
-    def log(self, record: dict[str, Any]) -> None:
-        it = int(record["iteration"])
-        for k, v in _numeric(record).items():
-            if k != "iteration":
-                self.writer.add_scalar(k, v, it)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def _summary_base(run: PlannedRun) -> dict[str, Any]:
@@ -170,7 +155,7 @@ def execute_run(
     base = _summary_base(run)
     total = run.spec.iterations
     eval_every = run.spec.eval_every
-    tb: _TensorBoard | None = None
+    tb: TensorBoardLogger | None = None
     try:
         _seed_everything(run.seed)
         task = exp.make_task(run.spec)
@@ -192,7 +177,7 @@ def execute_run(
             elapsed += time.perf_counter() - t0
             rd.append_metrics({"iteration": 0, "wall_time_s": elapsed, **last_eval})
         if opts.tensorboard:
-            tb = _TensorBoard(rd.path / "tensorboard")
+            tb = TensorBoardLogger(rd.path / "tensorboard")
         rd.write_summary(
             {
                 **base,
@@ -219,7 +204,7 @@ def execute_run(
                     record.update(last_eval)
                 rd.append_metrics(record)
                 if tb is not None:
-                    tb.log(record)
+                    tb.log(record, it)
             if it % opts.checkpoint_every == 0 or it == total:
                 rd.save_checkpoint(
                     {
@@ -398,7 +383,10 @@ def run_sweep(
     """Execute runs (skipping finished ones), ``workers`` processes at a time."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    opts = options or RunOptions()
+    if options is not None:
+        opts = options
+    else:
+        opts = RunOptions.from_config(runs[0].config) if runs else RunOptions()
     if opts.threads is None:
         opts = RunOptions(
             opts.log_every, opts.checkpoint_every, default_threads(workers), opts.tensorboard

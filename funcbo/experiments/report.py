@@ -1,0 +1,642 @@
+"""Reports of a sweep: tables (markdown + JSON) and figures (PNG + SVG) of its finished runs.
+
+:func:`make_report` reads the run store written by ``funcbo run`` (see
+:mod:`funcbo.experiments.store`), groups runs by variant (a method, or ``method[key=value,...]``
+for a grid point) and writes, into ``out_dir``:
+
+- ``<name>.md``: the main table (headline metric median [q25, q75], mean ± sd, area under the
+  metric curve, wall time, iterations per second) and a table of the other final metrics;
+- ``<name>.json``: the same numbers, machine readable (schema in :func:`make_report`);
+- ``<name>_box.{png,svg}``: box plot of the final headline metric per variant, seeds as points;
+- ``<name>_curves.{png,svg}``: headline metric, outer, inner (and adjoint) loss against the
+  iteration, mean ± sd over seeds per variant.
+
+Statistics use finished runs only; failed and unfinished runs are counted and shown beside ``n``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from funcbo.experiments.store import SUMMARY, SWEEP, RunDir, find_runs
+from funcbo.io import atomic_write_json, atomic_write_text
+
+#: training losses reported after the headline metric, in this order, when runs log them
+LOSSES = ("outer_loss", "inner_loss", "adjoint_loss")
+#: keys of every statistics entry of report.json
+STAT_KEYS = ("n", "median", "q25", "q75", "mean", "sd")
+#: curves are drawn with at most this many points per variant (evenly strided, last one kept)
+MAX_CURVE_POINTS = 2000
+
+_STATUSES = ("finished", "failed", "running")
+
+
+@dataclass
+class Report:
+    """A written report.
+
+    Attributes:
+        markdown: the content of ``<name>.md``.
+        data: the content of ``<name>.json``.
+        figures: the figure files written (PNG and SVG of each figure).
+        paths: ``{"markdown": <name>.md, "json": <name>.json}``.
+    """
+
+    markdown: str
+    data: dict[str, Any]
+    figures: list[Path] = field(default_factory=list)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    """One run as the report sees it."""
+
+    run: RunDir
+    rel: str
+    summary: dict[str, Any]
+    status: str
+    variant: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- statistics
+def describe(values: Any) -> dict[str, Any]:
+    """Summary statistics of a sample: n, median, quartiles, mean and sample standard deviation.
+
+    Quartiles are numpy's default (linear interpolation between order statistics); ``sd`` uses
+    ``ddof=1`` and is 0 for a single value. Non-finite values are left out (``n`` counts the
+    values used); an empty sample gives ``n = 0`` and None for the rest.
+
+    Args:
+        values: numbers.
+
+    Returns:
+        ``{"n", "median", "q25", "q75", "mean", "sd"}`` as plain Python numbers.
+    """
+    v = np.asarray([float(x) for x in values], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"n": 0, "median": None, "q25": None, "q75": None, "mean": None, "sd": None}
+    q25, median, q75 = np.percentile(v, [25.0, 50.0, 75.0])
+    sd = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+    return {
+        "n": int(v.size),
+        "median": float(median),
+        "q25": float(q25),
+        "q75": float(q75),
+        "mean": float(np.mean(v)),
+        "sd": sd,
+    }
+
+
+def area_under_curve(iterations: Any, values: Any) -> float:
+    """Mean of a curve over its iteration span: trapezoidal integral divided by the span.
+
+    AUC = (1 / (t_K − t_0)) Σ_k (t_{k+1} − t_k) (y_k + y_{k+1}) / 2 over points sorted by
+    iteration t; a single point gives its value. The result is in the metric's units, so it
+    compares runs evaluated over the same range; a non-finite value anywhere makes it non-finite.
+
+    Args:
+        iterations: iterations of the points (any order, distinct).
+        values: metric values at those iterations.
+
+    Returns:
+        The AUC, or NaN for an empty curve.
+    """
+    t = np.asarray(iterations, dtype=np.float64)
+    y = np.asarray(values, dtype=np.float64)
+    if t.shape != y.shape or t.ndim != 1:
+        raise ValueError(
+            f"iterations and values must be 1-d of one length, got {t.shape}, {y.shape}"
+        )
+    if t.size == 0:
+        return math.nan
+    order = np.argsort(t, kind="stable")
+    t, y = t[order], y[order]
+    span = t[-1] - t[0]
+    if t.size == 1 or span == 0:
+        return float(np.mean(y))
+    return float(np.sum(np.diff(t) * (y[1:] + y[:-1]) / 2.0) / span)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _series(records: list[dict[str, Any]], key: str) -> dict[int, float]:
+    """iteration → value of ``key`` from metrics.jsonl lines (the last line wins on repeats)."""
+    out: dict[int, float] = {}
+    for r in records:
+        if _is_number(r.get(key)) and _is_number(r.get("iteration")):
+            out[int(r["iteration"])] = float(r[key])
+    return out
+
+
+def _aligned(runs: list[_Run], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Curves of ``key`` on the iterations every run that logs it has: ([T], [seeds, T])."""
+    series = [s for s in (_series(r.records, key) for r in runs) if s]
+    if not series:
+        return np.zeros(0), np.zeros((0, 0))
+    common = sorted(set.intersection(*(set(s) for s in series)))
+    t = np.asarray(common, dtype=np.float64)
+    y = np.asarray([[s[i] for i in common] for s in series], dtype=np.float64)
+    return t, y.reshape(len(series), len(common))
+
+
+# ---------------------------------------------------------------------------- reading runs
+def _load_runs(root: Path) -> list[_Run]:
+    run_dirs = find_runs(root)
+    if not run_dirs:
+        raise ValueError(
+            f"no run directories under {root} (a run directory holds {SUMMARY}; "
+            "runs are written by `funcbo run CONFIG --out DIR`)"
+        )
+    runs = []
+    for rd in run_dirs:
+        try:
+            summary = rd.summary() or {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{rd.summary_path}: not valid JSON: {e}") from e
+        status = str(summary.get("status", "running"))
+        # anything neither finished nor failed has not ended (yet): count it as running
+        status = status if status in _STATUSES else "running"
+        rel = rd.path.relative_to(root).as_posix() if rd.path != root else rd.path.name
+        variant = str(summary.get("variant") or summary.get("method") or rel.split("/")[0])
+        runs.append(_Run(run=rd, rel=rel, summary=summary, status=status, variant=variant))
+    return runs
+
+
+def _one_value(runs: list[_Run], key: str, what: str) -> str:
+    """The value of summary[key] shared by every run; an error naming the values otherwise."""
+    seen: dict[str, list[str]] = {}
+    for r in runs:
+        if r.summary.get(key) is not None:
+            seen.setdefault(str(r.summary[key]), []).append(r.rel)
+    if not seen:
+        raise ValueError(f"no run summary names its {what} (summary key {key!r})")
+    if len(seen) > 1:
+        detail = "; ".join(f"{v!r} ({len(p)} runs, e.g. {p[0]})" for v, p in sorted(seen.items()))
+        raise ValueError(f"runs of different {what}s are mixed in one report: {detail}")
+    return next(iter(seen))
+
+
+def _sweep_info(root: Path) -> dict[str, Any]:
+    path = root / SWEEP
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _final_metric_names(
+    finished: list[_Run], metric: str, requested: list[str] | None
+) -> list[str]:
+    """Headline metric, then the losses, then every other numeric final key (sorted)."""
+    available: set[str] = set()
+    for r in finished:
+        final = r.summary.get("final") or {}
+        available |= {k for k, v in final.items() if _is_number(v)}
+    if requested is not None:
+        missing = [m for m in requested if m not in available and m != metric]
+        if missing and finished:
+            known = ", ".join(sorted(available)) or "none"
+            raise ValueError(
+                f"metrics not in any finished run's final metrics: {missing}; known: {known}"
+            )
+        available = set(requested)
+    rest = [m for m in LOSSES if m in available]
+    rest += sorted(available - {metric, *LOSSES})
+    return [metric, *rest]
+
+
+# ---------------------------------------------------------------------------- markdown
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+def _cell(name: str) -> str:
+    """A variant name safe inside a markdown table cell."""
+    return name.replace("|", "\\|").replace("*", "\\*")
+
+
+def _n_cell(counts: dict[str, int], nonfinite: int) -> str:
+    extra = [f"{counts[s]} {s}" for s in ("failed", "running") if counts[s]]
+    if nonfinite:
+        extra.append(f"{nonfinite} non-finite")
+    return f"{counts['finished']}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _median_iqr(s: dict[str, Any]) -> str:
+    if not s["n"]:
+        return "—"
+    return f"{_fmt(s['median'])} [{_fmt(s['q25'])}, {_fmt(s['q75'])}]"
+
+
+def _mean_sd(s: dict[str, Any]) -> str:
+    return "—" if not s["n"] else f"{_fmt(s['mean'])} ± {_fmt(s['sd'])}"
+
+
+def _markdown(
+    data: dict[str, Any],
+    variants: list[str],
+    metric_names: list[str],
+    best: set[str],
+    nonfinite: dict[str, int],
+    failures: list[tuple[str, str]],
+    figure_names: list[str],
+) -> str:
+    metric, mode = data["metric"], data["metric_mode"]
+    counts = {s: sum(data["runs"][v][s] for v in variants) for s in _STATUSES}
+    total = sum(counts.values())
+    better = "lower" if mode == "min" else "higher"
+    status_text = ", ".join(f"{counts[s]} {s}" for s in _STATUSES if counts[s])
+    lines = [
+        f"# {data['name']} (experiment `{data['experiment']}`)",
+        "",
+        f"{total} runs ({status_text}) in {len(variants)} variants. Headline metric: "
+        f"`{metric}` ({better} is better; the best median is in bold).",
+        "",
+        "Statistics over finished runs at the end of training: median [q25, q75] (linear "
+        "interpolation), mean ± sd (sample sd). AUC: the metric averaged over the iterations "
+        "(trapezoidal rule over the evaluation points, divided by the iteration span); "
+        "median (mean ± sd) over seeds. Wall time: median (mean) in seconds. "
+        "it/s: iterations per second of wall time, median.",
+        "",
+        f"| variant | n | {metric} median [q25, q75] | mean ± sd | AUC | wall time (s) | it/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        s = data["methods"][v][metric]
+        name, med = _cell(v), _median_iqr(s)
+        if v in best:
+            name = f"**{name}**"
+            med = f"**{_fmt(s['median'])}** [{_fmt(s['q25'])}, {_fmt(s['q75'])}]"
+        auc = data["auc"][v]
+        auc_text = "—" if not auc["n"] else f"{_fmt(auc['median'])} ({_mean_sd(auc)})"
+        wall = data["wall_time_s"][v]
+        wall_text = "—" if not wall["n"] else f"{_fmt(wall['median'])} ({_fmt(wall['mean'])})"
+        ips = data["iterations_per_s"][v]
+        row = [name, _n_cell(data["runs"][v], nonfinite[v]), med, _mean_sd(s), auc_text]
+        row += [wall_text, _fmt(ips["median"])]
+        lines.append("| " + " | ".join(row) + " |")
+    others = metric_names[1:]
+    if others:
+        lines += [
+            "",
+            "Other final metrics, median [q25, q75] over finished runs:",
+            "",
+            "| metric | " + " | ".join(_cell(v) for v in variants) + " |",
+            "|---" * (len(variants) + 1) + "|",
+        ]
+        # one row per metric: runs report many diagnostics, sweeps compare a few variants
+        for m in others:
+            cells = [_median_iqr(data["methods"][v][m]) for v in variants]
+            lines.append(f"| {_cell(m)} | " + " | ".join(cells) + " |")
+    if figure_names:
+        lines += ["", "## Figures", ""]
+        for stem, title in zip(figure_names, ("final metric", "curves"), strict=False):
+            lines += [f"![{title}]({stem}.png)", "", f"[SVG]({stem}.svg)", ""]
+        lines.pop()
+    if failures:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- {rel}: {err}" for rel, err in failures]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- figures
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(
+            "report figures need matplotlib: pip install 'funcbo[experiments]' "
+            "(or pass figures=False for the tables only)"
+        ) from e
+    return matplotlib, Figure, FigureCanvasAgg
+
+
+def _new_figure(figsize: tuple[float, float]) -> Any:
+    # a Figure with an Agg canvas, not pyplot: no global backend switch, no figure registry
+    _, figure_cls, canvas_cls = _matplotlib()
+    fig = figure_cls(figsize=figsize, layout="constrained")
+    canvas_cls(fig)
+    return fig
+
+
+def _save_figure(fig: Any, stem: Path) -> list[Path]:
+    """Write ``stem.png`` and ``stem.svg`` atomically (temporary file, then rename)."""
+    matplotlib = _matplotlib()[0]
+    written = []
+    # fixed ids and no date: the same data gives the same SVG (diffs of committed results)
+    with matplotlib.rc_context({"svg.hashsalt": "funcbo"}):
+        for ext, kwargs in (("png", {"dpi": 150}), ("svg", {"metadata": {"Date": None}})):
+            path = stem.with_name(f"{stem.name}.{ext}")
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    fig.savefig(f, format=ext, **kwargs)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            written.append(path)
+    return written
+
+
+def _box_figure(
+    finished: dict[str, list[_Run]], variants: list[str], metric: str, mode: str, title: str
+) -> Any:
+    fig = _new_figure((max(4.0, 1.1 * len(variants) + 1.5), 4.0))
+    ax = fig.add_subplot()
+    better = "lower" if mode == "min" else "higher"
+    positions, samples = [], []
+    for i, v in enumerate(variants):
+        vals = [
+            float(r.summary["final"][metric])
+            for r in finished[v]
+            if _is_number((r.summary.get("final") or {}).get(metric))
+        ]
+        vals = [x for x in vals if math.isfinite(x)]
+        if vals:
+            positions.append(i)
+            samples.append(vals)
+    if samples:
+        ax.boxplot(
+            samples, positions=positions, widths=0.5, showfliers=False, medianprops={"color": "k"}
+        )
+        for pos, vals in zip(positions, samples, strict=True):
+            # deterministic horizontal spread so that seeds with close values stay visible
+            dx = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
+            ax.scatter(pos + dx, vals, s=14, color=f"C{pos % 10}", zorder=3, alpha=0.8)
+    else:
+        ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+    tilt = len(variants) > 3 or max(len(v) for v in variants) > 12
+    ax.set_xticks(
+        range(len(variants)), variants, rotation=30 if tilt else 0, ha="right" if tilt else "center"
+    )
+    ax.set_xlim(-0.6, len(variants) - 0.4)
+    ax.set_ylabel(f"final {metric} ({better} is better)")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _curves_figure(
+    finished: dict[str, list[_Run]],
+    variants: list[str],
+    quantities: list[str],
+    metric: str,
+    title: str,
+    iteration_label: str,
+) -> Any:
+    fig = _new_figure((4.2 * len(quantities), 3.6))
+    axes = fig.subplots(1, len(quantities), squeeze=False)[0]
+    for ax, q in zip(axes, quantities, strict=True):
+        drawn = []
+        logged: list[float] = []
+        for i, v in enumerate(variants):
+            logged += [x for r in finished[v] for x in _series(r.records, q).values()]
+            t, y = _aligned(finished[v], q)
+            if t.size == 0:
+                continue
+            if t.size > MAX_CURVE_POINTS:
+                idx = np.unique(np.linspace(0, t.size - 1, MAX_CURVE_POINTS).astype(int))
+                t, y = t[idx], y[:, idx]
+            mean = y.mean(axis=0)
+            sd = y.std(axis=0, ddof=1) if y.shape[0] > 1 else np.zeros_like(mean)
+            marker = "o" if q == metric and t.size <= 50 else None
+            label = f"{v} (n={y.shape[0]})"
+            ax.plot(t, mean, color=f"C{i % 10}", label=label, marker=marker, markersize=3)
+            drawn.append((f"C{i % 10}", t, mean, sd))
+        finite = np.asarray([x for x in logged if math.isfinite(x)])
+        log = q in LOSSES and finite.size > 0 and bool(np.all(finite > 0))
+        # on a log axis a band's lower edge stops at the smallest value any run logged
+        floor = float(finite.min()) if log else -math.inf
+        for color, t, mean, sd in drawn:
+            lower = np.maximum(mean - sd, floor)
+            ax.fill_between(t, lower, mean + sd, color=color, alpha=0.2, linewidth=0)
+        if log:
+            ax.set_yscale("log")
+        if not drawn:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(iteration_label)
+        ax.set_title(q)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        for ax in axes[1:]:
+            handles, labels = ax.get_legend_handles_labels()
+            if handles:
+                break
+    if handles:
+        axes[0].legend(handles, labels, fontsize="small")
+    fig.suptitle(f"{title}: mean ± sd over seeds")
+    return fig
+
+
+# ---------------------------------------------------------------------------- the report
+def make_report(
+    run_root: str | Path,
+    out_dir: str | Path | None = None,
+    name: str | None = None,
+    *,
+    metrics: list[str] | None = None,
+    figures: bool = True,
+    iteration_label: str = "iteration",
+) -> Report:
+    """Aggregate the runs under ``run_root`` into ``<name>.md``, ``<name>.json`` and figures.
+
+    Runs are the directories holding a ``summary.json``
+    (:func:`~funcbo.experiments.store.find_runs`), grouped by their summary's ``variant``.
+    Statistics use runs with status ``finished``; failed and unfinished runs are counted per
+    variant (``report.json["runs"]``, and beside ``n`` in the table). The headline metric and
+    whether lower or higher is better come from the summaries' ``metric`` and ``metric_mode``;
+    every run must belong to one experiment and one metric.
+
+    Per variant:
+
+    - final metrics: each numeric key of ``summary["final"]`` (headline metric first, then
+      ``outer_loss``, ``inner_loss``, ``adjoint_loss``, then the others by name), summarised by
+      :func:`describe` (n, median, q25, q75, mean, sample sd);
+    - ``wall_time_s``: the runs' ``wall_time_s``; ``iterations_per_s``: iterations done divided
+      by wall time (for an RL experiment, whose iteration is an environment step, environment
+      steps per second);
+    - ``auc``: :func:`area_under_curve` of each run's headline metric over the ``metrics.jsonl``
+      lines that hold it (the metric averaged over the evaluated iterations).
+
+    Figures: a box plot of the final headline metric (seeds as points) and curves of the headline
+    metric, ``outer_loss``, ``inner_loss`` and (when logged) ``adjoint_loss`` against the
+    iteration, mean ± sd over seeds. Seeds of a variant are aligned on the iterations that all of
+    them logged (their intersection; no interpolation), and at most :data:`MAX_CURVE_POINTS`
+    evenly strided points are drawn. Losses use a log scale when every logged value is positive.
+
+    report.json::
+
+        {"experiment": str, "name": str, "metric": str, "metric_mode": "min" | "max",
+         "methods": {variant: {metric: {"n", "median", "q25", "q75", "mean", "sd"}}},
+         "wall_time_s": {variant: stats}, "auc": {variant: stats},
+         "iterations_per_s": {variant: stats},
+         "runs": {variant: {"finished": int, "failed": int, "running": int}}}
+
+    Statistics of an empty sample are ``{"n": 0, ...: null}``; non-finite values (a diverged
+    run) are left out of the statistics and counted beside ``n`` in the markdown table.
+
+    Args:
+        run_root: a sweep's output directory (``funcbo run ... --out DIR``), or any directory
+            whose run directories all belong to one experiment.
+        out_dir: where to write (default: ``run_root``).
+        name: file stem (default: the sweep name in ``run_root/sweep.json``, else the name of
+            ``run_root``); ``"report"`` gives ``report.md`` and ``report.json``.
+        metrics: the final metrics to tabulate (default: every numeric one); the headline metric
+            is always included.
+        figures: also draw the figures (needs matplotlib).
+        iteration_label: x-axis label of the curves (e.g. ``"environment steps"``).
+
+    Returns:
+        The :class:`Report` (markdown, data, figure paths, markdown/JSON paths).
+
+    Raises:
+        ValueError: no run under ``run_root``, runs of several experiments or metrics, an
+            invalid ``name`` or an unknown requested metric.
+        ImportError: ``figures=True`` without matplotlib.
+    """
+    root = Path(run_root)
+    if not root.is_dir():
+        raise ValueError(f"not a directory: {root} (runs are written by `funcbo run`)")
+    runs = _load_runs(root)
+    sweep = _sweep_info(root)
+    experiment = _one_value(runs, "experiment", "experiment")
+    if sweep.get("experiment") not in (None, experiment):
+        raise ValueError(
+            f"runs of different experiments are mixed in one report: {SWEEP} names "
+            f"{sweep['experiment']!r}, the runs {experiment!r}"
+        )
+    metric = _one_value(runs, "metric", "headline metric")
+    mode = _one_value(runs, "metric_mode", "metric mode")
+    if mode not in ("min", "max"):
+        raise ValueError(f"metric_mode must be 'min' or 'max', got {mode!r}")
+
+    name = name or str(sweep.get("name") or root.resolve().name)
+    if "/" in name or "\\" in name or name in (".", "..") or f"{name}.json" in (SUMMARY, SWEEP):
+        raise ValueError(
+            f"invalid report name {name!r} (a file stem other than "
+            f"{Path(SUMMARY).stem!r} and {Path(SWEEP).stem!r})"
+        )
+    if figures:
+        _matplotlib()  # fail before writing anything
+    out = Path(out_dir) if out_dir is not None else root
+    out.mkdir(parents=True, exist_ok=True)
+
+    variants = sorted({r.variant for r in runs})
+    finished: dict[str, list[_Run]] = {v: [] for v in variants}
+    counts = {v: dict.fromkeys(_STATUSES, 0) for v in variants}
+    failures = []
+    for r in runs:
+        counts[r.variant][r.status] += 1
+        if r.status == "finished":
+            finished[r.variant].append(r)
+        elif r.status == "failed":
+            err = str(r.summary.get("error") or "").strip().splitlines()
+            failures.append((r.rel, (err[-1] if err else "no error message")[:200]))
+    for v in variants:
+        finished[v].sort(key=lambda r: (str(r.summary.get("seed")), r.rel))
+        for r in finished[v]:
+            # keep only what the report reads: long runs log many lines with many keys
+            keep = ("iteration", metric, *LOSSES)
+            r.records = [{k: rec[k] for k in keep if k in rec} for rec in r.run.metrics()]
+    all_finished = [r for v in variants for r in finished[v]]
+    metric_names = _final_metric_names(all_finished, metric, metrics)
+
+    methods: dict[str, dict[str, Any]] = {}
+    wall, auc, ips = {}, {}, {}
+    nonfinite = {}
+    for v in variants:
+        fin = [r.summary.get("final") or {} for r in finished[v]]
+        methods[v] = {m: describe(f[m] for f in fin if _is_number(f.get(m))) for m in metric_names}
+        nonfinite[v] = sum(
+            1 for f in fin if _is_number(f.get(metric)) and not math.isfinite(float(f[metric]))
+        )
+        walls = [r.summary.get("wall_time_s") for r in finished[v]]
+        wall[v] = describe(w for w in walls if _is_number(w))
+        rates = []
+        for r in finished[v]:
+            w = r.summary.get("wall_time_s")
+            it = r.summary.get("iteration", r.summary.get("iterations"))
+            if _is_number(w) and _is_number(it) and w > 0:
+                rates.append(it / w)
+        ips[v] = describe(rates)
+        aucs = []
+        for r in finished[v]:
+            s = _series(r.records, metric)
+            if s:
+                aucs.append(area_under_curve(list(s), list(s.values())))
+        auc[v] = describe(aucs)
+
+    data = {
+        "experiment": experiment,
+        "name": name,
+        "metric": metric,
+        "metric_mode": mode,
+        "methods": methods,
+        "wall_time_s": wall,
+        "auc": auc,
+        "iterations_per_s": ips,
+        "runs": counts,
+    }
+
+    medians = {v: methods[v][metric]["median"] for v in variants if methods[v][metric]["n"]}
+    best: set[str] = set()
+    if medians:
+        target = min(medians.values()) if mode == "min" else max(medians.values())
+        best = {v for v, m in medians.items() if m == target}
+
+    title = f"{name} ({experiment})"
+    written: list[Path] = []
+    stems: list[str] = []
+    if figures:
+        box = _box_figure(finished, variants, metric, mode, title)
+        written += _save_figure(box, out / f"{name}_box")
+        logged = {k for r in all_finished for rec in r.records for k in rec}
+        quantities = [metric] + [q for q in LOSSES if q in logged]
+        curves = _curves_figure(finished, variants, quantities, metric, title, iteration_label)
+        written += _save_figure(curves, out / f"{name}_curves")
+        stems = [f"{name}_box", f"{name}_curves"]
+
+    markdown = _markdown(data, variants, metric_names, best, nonfinite, failures, stems)
+    md_path, json_path = out / f"{name}.md", out / f"{name}.json"
+    atomic_write_json(json_path, data)
+    atomic_write_text(md_path, markdown)
+    return Report(
+        markdown=markdown,
+        data=data,
+        figures=written,
+        paths={"markdown": md_path, "json": json_path},
+    )
+
+
+__all__ = [
+    "LOSSES",
+    "MAX_CURVE_POINTS",
+    "STAT_KEYS",
+    "Report",
+    "area_under_curve",
+    "describe",
+    "make_report",
+]

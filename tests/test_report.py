@@ -1,0 +1,323 @@
+"""Tests of funcbo.experiments.report on synthetic run directories (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from funcbo.experiments.report import (
+    STAT_KEYS,
+    _aligned,
+    _Run,
+    area_under_curve,
+    describe,
+    make_report,
+)
+from funcbo.experiments.store import RunDir
+
+# final test_mse per seed; the failed run's value must never reach the statistics
+FINALS = {"aid": [1.0, 2.0, 4.0], "funcid": [0.5, 0.7, 0.6]}
+WALL = {"aid": [10.0, 20.0, 40.0], "funcid": [5.0, 5.0, 10.0]}
+ITERATIONS = 10
+
+
+def write_run(
+    root: Path,
+    variant: str,
+    seed: int,
+    *,
+    status: str = "finished",
+    final: dict[str, float] | None = None,
+    wall: float = 1.0,
+    log_every: int = 1,
+    experiment: str = "toy",
+    mode: str = "min",
+    error: str | None = None,
+) -> RunDir:
+    """A run directory as the runner writes it: metrics.jsonl and summary.json."""
+    run = RunDir(root / variant.replace("[", "__").replace("]", "") / f"seed_{seed}")
+    final = dict(final or {})
+    for it in range(0, ITERATIONS + 1):
+        if it % log_every and it % 5:
+            continue
+        rec: dict[str, Any] = {
+            "iteration": it,
+            "wall_time_s": wall * it / ITERATIONS,
+            "outer_loss": 1.0 / (it + 1) + seed,
+            "inner_loss": 2.0 / (it + 1),
+            "adjoint_loss": -0.5 + 0.01 * it,
+        }
+        if it % 5 == 0:  # evaluation points: 10, 4, final
+            rec["test_mse"] = {0: 10.0, 5: 4.0}.get(it, final.get("test_mse", 0.0))
+        run.append_metrics(rec)
+    run.write_summary(
+        {
+            "status": status,
+            "experiment": experiment,
+            "name": "toy_sweep",
+            "method": variant.split("[")[0],
+            "variant": variant,
+            "seed": seed,
+            "grid_point": {},
+            "iterations": ITERATIONS,
+            "iteration": ITERATIONS if status == "finished" else 4,
+            "metric": "test_mse",
+            "metric_mode": mode,
+            "wall_time_s": wall,
+            "final": final,
+            "error": error,
+        }
+    )
+    return run
+
+
+def write_sweep(root: Path, mode: str = "min", sweep: bool = True) -> Path:
+    """Two variants × three seeds, one failed run (funcid) and one still running (aid)."""
+    for variant, finals in FINALS.items():
+        for seed, value in enumerate(finals):
+            final = {"test_mse": value, "outer_loss": 0.1 * (seed + 1), "inner_loss": 0.01}
+            # aid's third seed logs every other iteration only
+            log_every = 2 if (variant, seed) == ("aid", 2) else 1
+            write_run(
+                root,
+                variant,
+                seed,
+                final=final,
+                wall=WALL[variant][seed],
+                log_every=log_every,
+                mode=mode,
+            )
+    write_run(
+        root,
+        "funcid",
+        3,
+        status="failed",
+        final={"test_mse": 100.0},
+        wall=3.0,
+        mode=mode,
+        error="Traceback (most recent call last):\nRuntimeError: diverged",
+    )
+    write_run(root, "aid", 3, status="running", final={}, wall=1.0, mode=mode)
+    if sweep:
+        (root / "sweep.json").write_text(json.dumps({"name": "toy_sweep", "experiment": "toy"}))
+    return root
+
+
+def expected_auc(final: float) -> float:
+    # trapezoid over (0, 10), (5, 4), (10, final), divided by the span 10
+    return ((10.0 + 4.0) / 2 * 5 + (4.0 + final) / 2 * 5) / 10
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory):
+    root = write_sweep(tmp_path_factory.mktemp("sweep"))
+    return make_report(root)
+
+
+# ---------------------------------------------------------------------------- statistics
+def test_describe_by_hand():
+    s = describe([4.0, 1.0, 2.0])
+    assert s["n"] == 3
+    assert s["median"] == pytest.approx(2.0)
+    assert s["q25"] == pytest.approx(1.5)  # linear interpolation between order statistics
+    assert s["q75"] == pytest.approx(3.0)
+    assert s["mean"] == pytest.approx(7 / 3)
+    assert s["sd"] == pytest.approx(
+        math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    )
+    assert describe([3.0]) == {
+        "n": 1,
+        "median": 3.0,
+        "q25": 3.0,
+        "q75": 3.0,
+        "mean": 3.0,
+        "sd": 0.0,
+    }
+    assert describe([]) == dict.fromkeys(STAT_KEYS) | {"n": 0}
+    assert describe([1.0, math.nan, math.inf, 3.0])["n"] == 2
+
+
+def test_area_under_curve_by_hand():
+    assert area_under_curve([10, 0, 5], [2.0, 10.0, 4.0]) == pytest.approx(expected_auc(2.0))
+    assert area_under_curve([3], [7.0]) == 7.0
+    assert math.isnan(area_under_curve([], []))
+    assert math.isnan(area_under_curve([0, 1], [1.0, math.nan]))
+    # uneven spacing: the integral is weighted by the iteration gaps
+    assert area_under_curve([0, 1, 4], [0.0, 1.0, 1.0]) == pytest.approx((0.5 + 3.0) / 4)
+
+
+def test_final_metric_statistics(report):
+    methods = report.data["methods"]
+    aid, funcid = methods["aid"]["test_mse"], methods["funcid"]["test_mse"]
+    assert aid == pytest.approx(
+        {"n": 3, "median": 2.0, "q25": 1.5, "q75": 3.0, "mean": 7 / 3, "sd": math.sqrt(7 / 3)}
+    )
+    # the failed run (final test_mse 100) is counted but left out of the statistics
+    assert funcid == pytest.approx(
+        {"n": 3, "median": 0.6, "q25": 0.55, "q75": 0.65, "mean": 0.6, "sd": 0.1}
+    )
+    assert methods["aid"]["outer_loss"]["median"] == pytest.approx(0.2)
+    assert methods["funcid"]["inner_loss"]["sd"] == 0.0
+    assert list(methods["aid"]) == ["test_mse", "outer_loss", "inner_loss"]
+
+
+def test_wall_time_rate_and_auc(report):
+    d = report.data
+    assert d["wall_time_s"]["aid"]["median"] == pytest.approx(20.0)
+    assert d["wall_time_s"]["aid"]["mean"] == pytest.approx(70 / 3)
+    assert d["wall_time_s"]["funcid"]["n"] == 3  # the failed run's 3 s are not in it
+    rates = [ITERATIONS / w for w in WALL["funcid"]]
+    assert d["iterations_per_s"]["funcid"] == pytest.approx(describe(rates))
+    for v, finals in FINALS.items():
+        assert d["auc"][v] == pytest.approx(describe([expected_auc(f) for f in finals]))
+
+
+def test_run_counts(report):
+    assert report.data["runs"] == {
+        "aid": {"finished": 3, "failed": 0, "running": 1},
+        "funcid": {"finished": 3, "failed": 1, "running": 0},
+    }
+
+
+# ---------------------------------------------------------------------------- files
+def test_json_schema(report):
+    d = json.loads(report.paths["json"].read_text())
+    assert d == report.data
+    assert set(d) == {
+        "experiment",
+        "name",
+        "metric",
+        "metric_mode",
+        "methods",
+        "wall_time_s",
+        "auc",
+        "iterations_per_s",
+        "runs",
+    }
+    assert (d["experiment"], d["name"], d["metric"], d["metric_mode"]) == (
+        "toy",
+        "toy_sweep",
+        "test_mse",
+        "min",
+    )
+    for key in ("wall_time_s", "auc", "iterations_per_s"):
+        assert set(d[key]) == {"aid", "funcid"}
+        for stats in d[key].values():
+            assert set(stats) == set(STAT_KEYS)
+    for metrics in d["methods"].values():
+        for stats in metrics.values():
+            assert set(stats) == set(STAT_KEYS)
+    for counts in d["runs"].values():
+        assert set(counts) == {"finished", "failed", "running"}
+
+
+def test_markdown_table_marks_best(report):
+    md = report.markdown
+    assert report.paths["markdown"].read_text() == md
+    assert report.paths["markdown"].name == "toy_sweep.md"
+    assert md.startswith("# toy_sweep (experiment `toy`)")
+    assert "8 runs (6 finished, 1 failed, 1 running) in 2 variants" in md
+    assert (
+        "| variant | n | test_mse median [q25, q75] | mean ± sd | AUC | wall time (s) | it/s |"
+        in md
+    )
+    assert "| **funcid** | 3 (1 failed) | **0.6** [0.55, 0.65] | 0.6 ± 0.1 |" in md
+    assert "| aid | 3 (1 running) | 2 [1.5, 3] | 2.333 ± 1.528 |" in md
+    assert md.index("| aid |") < md.index("| **funcid** |")  # sorted by name
+    assert "| metric | aid | funcid |" in md
+    assert "| outer_loss | 0.2 [0.15, 0.25] | 0.2 [0.15, 0.25] |" in md
+    assert md.index("| outer_loss |") < md.index("| inner_loss |")
+    assert "- funcid/seed_3: RuntimeError: diverged" in md
+    assert "![final metric](toy_sweep_box.png)" in md
+    assert "![curves](toy_sweep_curves.png)" in md
+
+
+def test_figures_written(report):
+    names = sorted(p.name for p in report.figures)
+    assert names == [
+        "toy_sweep_box.png",
+        "toy_sweep_box.svg",
+        "toy_sweep_curves.png",
+        "toy_sweep_curves.svg",
+    ]
+    for p in report.figures:
+        assert p.parent == report.paths["json"].parent
+        assert p.stat().st_size > 0
+        head = p.read_bytes()[:16]
+        assert head.startswith(b"\x89PNG") if p.suffix == ".png" else b"<?xml" in head
+    # no temporary files left behind
+    assert not list(report.paths["json"].parent.glob(".*.tmp"))
+
+
+def test_curves_align_on_common_iterations(tmp_path):
+    root = write_sweep(tmp_path)
+    runs = []
+    for seed in range(3):
+        rd = RunDir(root / "aid" / f"seed_{seed}")
+        runs.append(_Run(rd, f"aid/seed_{seed}", rd.summary(), "finished", "aid", rd.metrics()))
+    t, y = _aligned(runs, "inner_loss")
+    np.testing.assert_array_equal(t, [0, 2, 4, 5, 6, 8, 10])  # seed 2 logs every other one
+    assert y.shape == (3, 7)
+    t, y = _aligned(runs, "test_mse")
+    np.testing.assert_array_equal(t, [0, 5, 10])
+    np.testing.assert_allclose(y[:, -1], FINALS["aid"])
+
+
+# ---------------------------------------------------------------------------- options
+def test_max_mode_name_and_out_dir(tmp_path):
+    root = write_sweep(tmp_path / "my_runs", mode="max", sweep=False)
+    out = tmp_path / "results"
+    rep = make_report(root, out, "report", figures=False)
+    assert rep.paths == {"markdown": out / "report.md", "json": out / "report.json"}
+    assert rep.paths["markdown"].exists() and rep.paths["json"].exists()
+    assert rep.figures == [] and "## Figures" not in rep.markdown
+    assert "| **aid** | 3 (1 running) | **2** [1.5, 3]" in rep.markdown
+    assert "higher is better" in rep.markdown
+    # default name without sweep.json: the run directory's name, written beside the runs
+    rep = make_report(root, figures=False)
+    assert rep.paths["json"] == root / "my_runs.json"
+    assert rep.data["name"] == "my_runs"
+
+
+def test_metrics_selection(tmp_path):
+    root = write_sweep(tmp_path)
+    rep = make_report(root, name="sel", metrics=["inner_loss"], figures=False)
+    assert list(rep.data["methods"]["aid"]) == ["test_mse", "inner_loss"]
+    with pytest.raises(ValueError, match="nope"):
+        make_report(root, name="sel", metrics=["nope"], figures=False)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_empty_directory_error(tmp_path):
+    with pytest.raises(ValueError, match=r"no run directories.*funcbo run"):
+        make_report(tmp_path)
+
+
+def test_mixed_experiments_error(tmp_path):
+    write_run(tmp_path, "aid", 0, final={"test_mse": 1.0}, experiment="iv_dsprites")
+    write_run(tmp_path, "aid", 1, final={"test_mse": 1.0}, experiment="rl_cartpole")
+    with pytest.raises(ValueError, match=r"iv_dsprites.*rl_cartpole"):
+        make_report(tmp_path, figures=False)
+
+
+def test_reserved_names_rejected(tmp_path):
+    write_run(tmp_path, "aid", 0, final={"test_mse": 1.0})
+    for bad in ("summary", "sweep", "a/b"):
+        with pytest.raises(ValueError, match="invalid report name"):
+            make_report(tmp_path, name=bad, figures=False)
+
+
+def test_variant_without_finished_runs(tmp_path):
+    root = write_sweep(tmp_path)
+    write_run(root, "itd[unroll=5]", 0, status="failed", final={}, error="ValueError: bad")
+    rep = make_report(root)
+    assert rep.data["runs"]["itd[unroll=5]"] == {"finished": 0, "failed": 1, "running": 0}
+    assert rep.data["methods"]["itd[unroll=5]"]["test_mse"] == dict.fromkeys(STAT_KEYS) | {"n": 0}
+    assert "| itd[unroll=5] | 0 (1 failed) | — | — | — | — | — |" in rep.markdown
+    assert "| **funcid** |" in rep.markdown
+    assert all(p.stat().st_size > 0 for p in rep.figures)
