@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/iv_quickstart.py
+	$(BIN)/funcbo demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
