@@ -41,6 +41,7 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Run a config's methods × seeds (skipping finished runs, resuming interrupted ones)."""
     from funcbo.experiments.config import load_config, parse_seeds, plan_runs
     from funcbo.experiments.runner import RunOptions, run_sweep
 
@@ -68,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Aggregate a sweep directory's finished runs into tables and figures."""
     from funcbo.experiments.report import make_report
 
     rep = make_report(args.dir, args.out, args.name)
@@ -78,6 +80,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo config end to end and print its report."""
     from funcbo.experiments.config import load_config, plan_runs
     from funcbo.experiments.report import make_report
     from funcbo.experiments.runner import RunOptions, run_sweep
@@ -102,6 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """Print the registered experiments."""
     from funcbo.experiments.task import get_experiment
 
     for name in known_experiments():
@@ -114,6 +118,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the funcbo command."""
     ap = argparse.ArgumentParser(prog="funcbo", description="Functional bilevel optimization")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -153,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the funcbo command; returns the exit status."""
     from funcbo.experiments.config import ConfigError
 
     args = build_parser().parse_args(argv)

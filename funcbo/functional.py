@@ -30,7 +30,7 @@ from funcbo.estimator import (
     grad_norm,
     trainable,
 )
-from funcbo.inner import InnerSolver
+from funcbo.inner import InnerSolver, make_inner_solver
 from funcbo.linalg import OutputHessian
 from funcbo.problem import Batch, BilevelProblem, check_pred
 
@@ -45,6 +45,8 @@ class FuncID(HypergradientEstimator):
         inner_model: the network h_θ representing the inner solution; output ``[B, d_v]``.
         inner_optimizer: optimizer over ``inner_model``'s parameters (SGD, Adam, LBFGS, ...).
         inner_steps: optimizer steps per outer iteration (warm-started from the last ones).
+        inner_solver: replaces the default :class:`~funcbo.inner.InnerSolver` built from
+            ``inner_optimizer`` and ``inner_steps`` (an application's own inner solver, say).
         adjoint: :class:`~funcbo.LinearAdjoint` (default) or :class:`~funcbo.NetworkAdjoint`.
         check_convexity: verify on every step that the output Hessians are positive definite
             (raises :class:`~funcbo.NotStronglyConvexError`).
@@ -54,16 +56,17 @@ class FuncID(HypergradientEstimator):
     def __init__(
         self,
         inner_model: nn.Module,
-        inner_optimizer: torch.optim.Optimizer,
+        inner_optimizer: torch.optim.Optimizer | None,
         inner_steps: int = 1,
         adjoint: Adjoint | None = None,
         *,
+        inner_solver: InnerSolver | None = None,
         check_convexity: bool = False,
         dense_hessian_max: int = 128,
     ) -> None:
         self.inner_model = inner_model
-        self.inner = InnerSolver(inner_model, inner_optimizer, inner_steps)
-        self.inner_steps = max(inner_steps, 1)
+        self.inner = make_inner_solver(inner_model, inner_optimizer, inner_steps, inner_solver)
+        self.inner_steps = max(self.inner.steps, 1)
         self.adjoint = adjoint if adjoint is not None else LinearAdjoint()
         self.adjoint.bind(inner_model)
         self.check_convexity = check_convexity

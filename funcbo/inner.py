@@ -87,3 +87,20 @@ class InnerSolver:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def make_inner_solver(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    steps: int,
+    solver: InnerSolver | None = None,
+) -> InnerSolver:
+    """The inner solver of an estimator: ``solver`` if given (it must train ``model``), else
+    ``InnerSolver(model, optimizer, steps)``."""
+    if solver is not None:
+        if solver.model is not model:
+            raise ValueError("the inner solver must train the estimator's inner model")
+        return solver
+    if optimizer is None:
+        raise ValueError("pass an inner optimizer (or an inner_solver)")
+    return InnerSolver(model, optimizer, steps)

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 
-def _atomic_replace(path: Path, write: Any, mode: str) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Any, mode: str = "wb") -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -35,7 +37,7 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write text to ``path`` atomically (temporary file in the same folder, then rename)."""
-    _atomic_replace(Path(path), lambda f: f.write(text), "w")
+    atomic_write(path, lambda f: f.write(text), "w")
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -45,7 +47,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` atomically."""
-    _atomic_replace(Path(path), lambda f: torch.save(obj, f), "wb")
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
@@ -90,6 +92,7 @@ def _json_default(o: Any) -> Any:
 __all__ = [
     "append_jsonl",
     "atomic_torch_save",
+    "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
     "read_jsonl",

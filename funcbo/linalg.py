@@ -58,13 +58,16 @@ class SolveInfo:
 class CG:
     """Conjugate gradient for A x = b with A symmetric positive definite.
 
-    Stops after ``maxiter`` iterations, when ‖r‖ ≤ tol·‖b‖, or on negative curvature, and returns
-    the iterate of smallest residual; a warm start x0 whose residual exceeds ‖b‖ is replaced by
-    zero. These safeguards matter for parameter-space Hessians of non-convex inner problems, on
-    which plain CG can diverge across warm-started outer iterations. ``damping`` solves
-    (A + damping·I) instead, which keeps CG well defined when A is only positive semi-definite
-    (a parameter-space Hessian of an over-parameterised network, say). An optional
-    ``preconditioner`` M ≈ A⁻¹ turns it into preconditioned CG.
+    Stops after ``maxiter`` iterations or when ‖r‖ ≤ tol·‖b‖, and returns the iterate of smallest
+    residual; a warm start x0 whose residual exceeds ‖b‖ is replaced by zero. Like the CG of
+    other implicit-differentiation libraries it does not stop on negative curvature (on an
+    indefinite operator its iterates are still Krylov-subspace approximations), but these two
+    safeguards keep it from returning anything worse than zero, which matters for
+    parameter-space Hessians of non-convex inner problems, on which plain CG can diverge across
+    warm-started outer iterations. ``damping`` solves (A + damping·I) instead, which keeps CG
+    well defined when A is only positive semi-definite (a parameter-space Hessian of an
+    over-parameterised network, say). An optional ``preconditioner`` M ≈ A⁻¹ turns it into
+    preconditioned CG.
     """
 
     maxiter: int = 10
@@ -109,10 +112,8 @@ class CG:
             pAp = tdot(p, Ap)
             if not torch.isfinite(pAp):
                 raise NonFiniteLossError("CG: a Hessian-vector product is not finite")
-            if pAp <= 0:
-                # Negative curvature: the operator is not positive definite along p. Stop rather
-                # than step towards a saddle.
-                break
+            if pAp == 0:
+                break  # breakdown: no progress possible along p
             alpha = rz / pAp
             x = taxpy(alpha, p, x)
             r = taxpy(-alpha, Ap, r)

@@ -25,7 +25,7 @@ from funcbo.estimator import (
     grad_norm,
     trainable,
 )
-from funcbo.inner import InnerSolver, frozen
+from funcbo.inner import InnerSolver, frozen, make_inner_solver
 from funcbo.linalg import CG, Solver, tnorm
 from funcbo.problem import Batch, BilevelProblem, check_pred
 
@@ -47,20 +47,22 @@ class AID(HypergradientEstimator):
         inner_model, inner_optimizer, inner_steps: as for FuncID.
         solver: the linear solver (default ``CG(maxiter=10)``).
         warm_start: start the solve from the previous v.
+        inner_solver: replaces the default inner solver (as for FuncID).
     """
 
     def __init__(
         self,
         inner_model: nn.Module,
-        inner_optimizer: torch.optim.Optimizer,
+        inner_optimizer: torch.optim.Optimizer | None,
         inner_steps: int = 1,
         *,
         solver: Solver | None = None,
         warm_start: bool = True,
+        inner_solver: InnerSolver | None = None,
     ) -> None:
         self.inner_model = inner_model
-        self.inner = InnerSolver(inner_model, inner_optimizer, inner_steps)
-        self.inner_steps = max(inner_steps, 1)
+        self.inner = make_inner_solver(inner_model, inner_optimizer, inner_steps, inner_solver)
+        self.inner_steps = max(self.inner.steps, 1)
         self.solver = solver if solver is not None else CG(maxiter=10)
         self.warm_start = warm_start
         self._v: tuple[Tensor, ...] | None = None

@@ -180,3 +180,15 @@ def test_frozen_and_nested_outer_parameters():
     full = torch.autograd.grad(iv.value(outer), [p for p in params if p.requires_grad])
     assert rel_err([gi for gi, p in zip(g, params, strict=True) if p.requires_grad], full) <= 1e-5
     assert torch.equal(outer.scale, torch.ones(1, dtype=torch.float64))
+
+
+def test_custom_inner_solver_is_used_and_checked():
+    lq = LinearQuadratic()
+    inner, other = lq.make_inner(), lq.make_inner()
+    solver = funcbo.InnerSolver(inner, torch.optim.SGD(inner.parameters(), lr=0.1), 3)
+    est = funcbo.FuncID(inner, None, adjoint=funcbo.LinearAdjoint(), inner_solver=solver)
+    assert est.inner is solver and est.inner_steps == 3
+    with pytest.raises(ValueError, match="must train the estimator's inner model"):
+        funcbo.FuncID(other, None, inner_solver=solver)
+    with pytest.raises(ValueError, match="inner optimizer"):
+        funcbo.AID(inner, None)

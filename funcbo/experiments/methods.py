@@ -18,6 +18,7 @@ from torch import nn
 from funcbo.adjoints import LinearAdjoint, NetworkAdjoint
 from funcbo.estimator import HypergradientEstimator
 from funcbo.functional import FuncID
+from funcbo.inner import InnerSolver
 from funcbo.linalg import CG, Identity, Neumann
 from funcbo.parametric import AID, ITD
 from funcbo.penalty import GradientPenalty, ValuePenalty
@@ -42,7 +43,8 @@ class MethodConfig:
             ``aid``, ``itd``, ``gradient_penalty``, ``value_penalty``, or an application's own.
         inner_optimizer, inner_lr, inner_steps, inner_weight_decay: the inner θ-steps.
         outer_optimizer, outer_lr, outer_weight_decay: the outer step on ω.
-        adjoint_optimizer, adjoint_lr, adjoint_steps, adjoint_init: network adjoint (FuncID).
+        adjoint_optimizer, adjoint_lr, adjoint_weight_decay, adjoint_steps, adjoint_init: the
+            network adjoint (FuncID).
         ridge: ridge of the closed-form linear adjoint (relative to the feature scale).
         solver, solver_iters, neumann_lr: AID's linear solver (``cg``, ``neumann``, ``identity``).
         damping: CG solves (H + damping·I) v = b: keeps AID stable when the parameter-space
@@ -62,6 +64,7 @@ class MethodConfig:
     outer_weight_decay: float = 0.0
     adjoint_optimizer: str = "adam"
     adjoint_lr: float = 1e-3
+    adjoint_weight_decay: float = 0.0
     adjoint_steps: int = 10
     adjoint_init: str = "fresh"
     ridge: float = 1e-6
@@ -97,6 +100,7 @@ def build_estimator(
     *,
     adjoint_model: nn.Module | None = None,
     linear_head: nn.Module | str | None = None,
+    inner_solver: InnerSolver | None = None,
 ) -> HypergradientEstimator:
     """The library estimator a method config describes, over ``inner_model``.
 
@@ -107,28 +111,38 @@ def build_estimator(
             model's architecture).
         linear_head: the module whose input the linear adjoint uses as features (default: the
             inner model's last ``nn.Linear``).
+        inner_solver: an inner solver replacing the default optimizer steps (FuncID and AID).
     """
     kind = cfg.kind
     if kind not in LIBRARY_KINDS:
         raise ValueError(
             f"method kind {kind!r} is not a library estimator ({', '.join(LIBRARY_KINDS)})"
         )
+    if inner_solver is not None and kind not in ("funcid", "funcid_linear", "aid"):
+        raise ValueError(f"method kind {kind!r} does not take a replacement inner solver")
     if kind == "itd":
         return ITD(inner_model, lr=cfg.inner_lr, unroll=cfg.unroll, truncate=cfg.truncate)
-    inner_opt = make_optimizer(
-        cfg.inner_optimizer, inner_model.parameters(), cfg.inner_lr, cfg.inner_weight_decay
+    inner_opt = (
+        None
+        if inner_solver is not None
+        else make_optimizer(
+            cfg.inner_optimizer, inner_model.parameters(), cfg.inner_lr, cfg.inner_weight_decay
+        )
     )
     if kind == "funcid":
         adjoint = NetworkAdjoint(
             adjoint_model,
-            lambda ps: make_optimizer(cfg.adjoint_optimizer, ps, cfg.adjoint_lr),
+            lambda ps: make_optimizer(
+                cfg.adjoint_optimizer, ps, cfg.adjoint_lr, cfg.adjoint_weight_decay
+            ),
             cfg.adjoint_steps,
             init=cfg.adjoint_init,
         )
-        return FuncID(inner_model, inner_opt, cfg.inner_steps, adjoint)
+        return FuncID(inner_model, inner_opt, cfg.inner_steps, adjoint, inner_solver=inner_solver)
     if kind == "funcid_linear":
+        adjoint_lin = LinearAdjoint(cfg.ridge, head=linear_head)
         return FuncID(
-            inner_model, inner_opt, cfg.inner_steps, LinearAdjoint(cfg.ridge, head=linear_head)
+            inner_model, inner_opt, cfg.inner_steps, adjoint_lin, inner_solver=inner_solver
         )
     if kind == "aid":
         solver: CG | Neumann | Identity
@@ -140,7 +154,9 @@ def build_estimator(
             solver = Identity()
         else:
             raise ValueError(f"unknown AID solver {cfg.solver!r}; use cg, neumann or identity")
-        return AID(inner_model, inner_opt, cfg.inner_steps, solver=solver)
+        return AID(
+            inner_model, inner_opt, cfg.inner_steps, solver=solver, inner_solver=inner_solver
+        )
     if kind == "gradient_penalty":
         return GradientPenalty(inner_model, inner_opt, cfg.inner_steps, penalty=cfg.penalty)
     return ValuePenalty(inner_model, inner_opt, cfg.inner_steps, penalty=cfg.penalty)
