@@ -1,0 +1,102 @@
+"""A uniform replay buffer of transitions stored in preallocated tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class ReplayBuffer:
+    """Ring buffer of (s, a, r, s′, not_done) with uniform sampling with replacement.
+
+    ``not_done`` = 1 − terminated is the bootstrap mask (truncation keeps it at 1). Sampling uses
+    the buffer's own ``torch.Generator``, so a restored buffer draws the same batches as an
+    uninterrupted one.
+
+    Args:
+        obs_dim: observation size.
+        capacity: maximum number of transitions (oldest overwritten first).
+        seed: seed of the sampling generator.
+    """
+
+    def __init__(self, obs_dim: int, capacity: int = 200_000, seed: int = 0) -> None:
+        if capacity < 1:
+            raise ValueError(f"replay capacity must be ≥ 1, got {capacity}")
+        self.obs_dim = obs_dim
+        self.capacity = capacity
+        self.obs = torch.zeros(capacity, obs_dim)
+        self.action = torch.zeros(capacity, dtype=torch.long)
+        self.reward = torch.zeros(capacity)
+        self.next_obs = torch.zeros(capacity, obs_dim)
+        self.not_done = torch.zeros(capacity)
+        self.ptr = 0
+        self.size = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(
+        self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, terminated: bool
+    ) -> None:
+        """Store one transition; the bootstrap mask is 1 − terminated."""
+        i = self.ptr
+        self.obs[i] = torch.from_numpy(np.asarray(obs, dtype=np.float32))
+        self.action[i] = int(action)
+        self.reward[i] = float(reward)
+        self.next_obs[i] = torch.from_numpy(np.asarray(next_obs, dtype=np.float32))
+        self.not_done[i] = 0.0 if terminated else 1.0
+        self.ptr = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """A batch drawn uniformly with replacement.
+
+        Returns:
+            ``{"obs": [B, d], "action": [B] (long), "reward": [B, 1], "next_obs": [B, d],
+            "not_done": [B, 1]}``.
+        """
+        if self.size == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        idx = torch.randint(0, self.size, (batch_size,), generator=self.generator)
+        return {
+            "obs": self.obs[idx].to(dtype),
+            "action": self.action[idx],
+            "reward": self.reward[idx].to(dtype).unsqueeze(1),
+            "next_obs": self.next_obs[idx].to(dtype),
+            "not_done": self.not_done[idx].to(dtype).unsqueeze(1),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The filled part of the storage, the write pointer and the sampling generator."""
+        n = self.size
+        return {
+            "capacity": self.capacity,
+            "ptr": self.ptr,
+            "size": n,
+            "obs": self.obs[:n].clone(),
+            "action": self.action[:n].clone(),
+            "reward": self.reward[:n].clone(),
+            "next_obs": self.next_obs[:n].clone(),
+            "not_done": self.not_done[:n].clone(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (into a buffer of the same capacity)."""
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(
+                f"replay state has capacity {state['capacity']}, this buffer {self.capacity}"
+            )
+        n = int(state["size"])
+        for name in ("obs", "action", "reward", "next_obs", "not_done"):
+            getattr(self, name)[:n] = state[name]
+        self.size = n
+        self.ptr = int(state["ptr"])
+        self.generator.set_state(state["generator"])
+
+
+__all__ = ["ReplayBuffer"]

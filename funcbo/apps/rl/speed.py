@@ -1,0 +1,77 @@
+"""Environment steps per second of every RL method (``python -m funcbo.apps.rl.speed``).
+
+Each method runs its random phase (not timed), then ``--steps`` timed environment steps, each
+followed by one update with the configured batch (256 by default) and networks; evaluation is
+not included. Prints a table and, with ``--json``, writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from funcbo.apps.rl.agent import Agent
+from funcbo.apps.rl.config import RL_KINDS, RLMethodConfig, RLProblemConfig
+
+
+def measure(
+    kind: str, problem: RLProblemConfig, steps: int, seed: int = 0, warmup: int = 20
+) -> dict[str, float]:
+    """Steps per second of ``kind`` after the random phase (env step + one update each).
+
+    Returns:
+        ``{"steps_per_s", "ms_per_step", "steps"}``.
+    """
+    agent = Agent(problem, RLMethodConfig(kind=kind), seed)
+    for _ in range(problem.init_steps + warmup):
+        agent.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        agent.step()
+    dt = time.perf_counter() - t0
+    return {"steps_per_s": steps / dt, "ms_per_step": 1e3 * dt / steps, "steps": float(steps)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Command line entry point; returns ``{method: measurement}``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(RL_KINDS), help="comma-separated kinds")
+    ap.add_argument("--steps", type=int, default=1000, help="timed steps per method")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--model-hidden", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    problem = RLProblemConfig(batch_size=args.batch, model_hidden=args.model_hidden)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"batch {args.batch}, model width {args.model_hidden}, {args.threads} thread(s)")
+    print(f"load average at start {load0:.2f} on {os.cpu_count()} CPUs")
+    print("| method | env steps/s | ms/step |\n|---|---|---|")
+    results: dict[str, dict[str, float]] = {}
+    for kind in [k.strip() for k in args.methods.split(",") if k.strip()]:
+        r = measure(kind, problem, args.steps)
+        results[kind] = r
+        print(f"| {kind} | {r['steps_per_s']:.1f} | {r['ms_per_step']:.2f} |", flush=True)
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average at end {load1:.2f}")
+    if args.json is not None:
+        payload = {
+            "batch": args.batch,
+            "model_hidden": args.model_hidden,
+            "threads": args.threads,
+            "load_average": [load0, load1],
+            "cpus": os.cpu_count(),
+            "methods": results,
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
