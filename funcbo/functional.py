@@ -123,12 +123,14 @@ class FuncID(HypergradientEstimator):
         g_omega = list(outer_grads[1:])
 
         # Output-space Hessians of the inner loss at the inner points (ω fixed).
-        hess = OutputHessian.of_loss(
-            lambda v: problem.inner_loss(outer, v, inner_batch),
-            v_in,
-            dense=True if self.check_convexity else None,
-            dense_max=self.dense_hessian_max,
-        )
+        hess = problem.output_hessian(outer, v_in, inner_batch)
+        if hess is None:
+            hess = OutputHessian.of_loss(
+                lambda v: problem.inner_loss(outer, v, inner_batch),
+                v_in,
+                dense=True if self.check_convexity else None,
+                dense_max=self.dense_hessian_max,
+            )
         if self.check_convexity:
             hess.check_positive()
 

@@ -222,6 +222,14 @@ class OutputHessian:
             self.isotropic = _isotropic_scale(dense)
 
     @classmethod
+    def scaled_identity(cls, scale: Tensor | float, V: Tensor) -> OutputHessian:
+        """H_i = c_i·I for predictions V (a known Hessian: ½‖v − y‖² has c = 1)."""
+        c = torch.as_tensor(scale, dtype=V.dtype, device=V.device).expand(V.shape[0]).clone()
+        hess = cls(None, lambda A: c[:, None] * A, V)
+        hess.isotropic = c
+        return hess
+
+    @classmethod
     def of_loss(
         cls,
         loss_fn: Callable[[Tensor], Tensor],
@@ -286,7 +294,9 @@ class OutputHessian:
         return acc / probes
 
     def eigmin(self) -> Tensor:
-        """Smallest eigenvalue of every H_i (needs dense storage)."""
+        """Smallest eigenvalue of every H_i (needs dense or isotropic Hessians)."""
+        if self.isotropic is not None:
+            return self.isotropic
         if self.dense is None:
             raise ValueError(
                 "eigmin needs dense Hessians: build with OutputHessian.of_loss(dense=True)"

@@ -106,6 +106,15 @@ class BilevelProblem:
         """Per-sample outer loss ℓ_out(ω, pred_j, batch_j), shape ``[B]``."""
         raise NotImplementedError("define outer_loss (subclass BilevelProblem or pass outer_loss=)")
 
+    def output_hessian(self, outer: nn.Module, pred: Tensor, batch: Batch) -> Any:
+        """The per-sample output Hessians ∂²_v ℓ_in at ``pred``, when known in closed form.
+
+        Return ``None`` (the default) to have them computed with ``torch.func``, or an
+        :class:`~funcbo.linalg.OutputHessian`, e.g. ``OutputHessian.scaled_identity(1.0, pred)``
+        for ½‖pred − y‖², which saves the automatic differentiation.
+        """
+        return None
+
     def inner_input(self, batch: Batch) -> Any:
         """What the inner model is applied to on an inner batch (default: see default_input)."""
         return default_input(batch)

@@ -192,3 +192,21 @@ def test_custom_inner_solver_is_used_and_checked():
         funcbo.FuncID(other, None, inner_solver=solver)
     with pytest.raises(ValueError, match="inner optimizer"):
         funcbo.AID(inner, None)
+
+
+def test_known_output_hessian_skips_autodiff_and_agrees():
+    class KnownHessian(funcbo.BilevelProblem):
+        def output_hessian(self, outer, pred, batch):
+            return funcbo.OutputHessian.scaled_identity(1.0, pred)
+
+    lq, outer, inner = _lq_at_solution()
+    known = KnownHessian(lq.problem.inner_loss, lq.problem.outer_loss)
+    est = funcbo.FuncID(
+        inner,
+        torch.optim.SGD(inner.parameters(), lr=0.1),
+        0,
+        funcbo.LinearAdjoint(ridge=1e-12),
+        check_convexity=True,
+    )
+    (g,) = est.step(known, outer, lq.inner_batch, lq.outer_batch)
+    assert rel_err(g, lq.grad(outer.weight.detach())) <= 1e-6

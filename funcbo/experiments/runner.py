@@ -31,7 +31,7 @@ import torch
 
 from funcbo.experiments.config import ExperimentConfig, PlannedRun, dump_yaml, to_plain
 from funcbo.experiments.store import SWEEP, RunDir
-from funcbo.experiments.task import get_experiment
+from funcbo.experiments.task import experiment_module, get_experiment
 from funcbo.io import atomic_write_json
 from funcbo.trainer import TensorBoardLogger
 
@@ -446,7 +446,7 @@ def _run_parallel(
     while pending or active:
         while pending and len(active) < workers:
             run = pending.pop(0)
-            module = get_experiment(run.spec.experiment).make_task.__module__
+            module = experiment_module(run.spec.experiment)
             p = ctx.Process(target=_worker, args=(run, str(out), opts, q, module), daemon=False)
             p.start()
             active[run.run_id] = (p, run)

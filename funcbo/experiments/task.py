@@ -137,6 +137,15 @@ def get_experiment(name: str) -> ExperimentSpec:
     return _REGISTRY[name]
 
 
+def experiment_module(name: str) -> str:
+    """The module to import (in a fresh process) for experiment ``name`` to be registered."""
+    if name in _LAZY:
+        return _LAZY[name]
+    if ":" in name:
+        return name.partition(":")[0]
+    return get_experiment(name).make_task.__module__
+
+
 def known_experiments() -> list[str]:
     """Names of all registered or lazily registered experiments."""
     return sorted(set(_REGISTRY) | set(_LAZY))

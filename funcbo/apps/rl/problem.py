@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from funcbo.linalg import OutputHessian
 from funcbo.problem import BilevelProblem
 
 TARGETS = ("min", "per_head")
@@ -105,6 +106,10 @@ class SoftBellmanProblem(BilevelProblem):
     def inner_loss(self, outer: nn.Module, pred: Tensor, batch: Any) -> Tensor:
         """½ Σ_k (pred_k − ŷ)² with the model's target ŷ."""
         return 0.5 * (pred - self.model_target(outer, batch)).square().sum(1)
+
+    def output_hessian(self, outer: nn.Module, pred: Tensor, batch: Any) -> OutputHessian:
+        """The inner loss is ½‖pred − ŷ‖²: its output Hessian is the identity (no autodiff)."""
+        return OutputHessian.scaled_identity(1.0, pred)
 
     def outer_loss(self, outer: nn.Module, pred: Tensor, batch: Any) -> Tensor:
         """½ Σ_k (pred_k − y)² with the real target y (independent of ω)."""
