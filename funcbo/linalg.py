@@ -58,13 +58,12 @@ class SolveInfo:
 class CG:
     """Conjugate gradient for A x = b with A symmetric positive definite.
 
-    Stops after ``maxiter`` iterations or when ‖r‖ ≤ tol·‖b‖, and returns the iterate of smallest
-    residual; a warm start x0 whose residual exceeds ‖b‖ is replaced by zero. Like the CG of
-    other implicit-differentiation libraries it does not stop on negative curvature (on an
-    indefinite operator its iterates are still Krylov-subspace approximations), but these two
-    safeguards keep it from returning anything worse than zero, which matters for
+    Stops after ``maxiter`` iterations or when ‖r‖ ≤ tol·‖b‖. Two safeguards matter for
     parameter-space Hessians of non-convex inner problems, on which plain CG can diverge across
-    warm-started outer iterations. ``damping`` solves (A + damping·I) instead, which keeps CG
+    warm-started outer iterations: a warm start x0 whose residual exceeds ‖b‖ is replaced by
+    zero, and if the last iterate's residual exceeds the starting one, the iterate of smallest
+    residual is returned instead. Like the CG of other implicit-differentiation libraries it does
+    not stop on negative curvature. ``damping`` solves (A + damping·I) instead, which keeps CG
     well defined when A is only positive semi-definite (a parameter-space Hessian of an
     over-parameterised network, say). An optional ``preconditioner`` M ≈ A⁻¹ turns it into
     preconditioned CG.
@@ -105,7 +104,7 @@ class CG:
         p = z
         rz = tdot(r, z)
         it = 0
-        res = tnorm(r)
+        res = start_res = tnorm(r)
         best_x, best_res = x, res
         while it < self.maxiter and res > self.tol * bnorm:
             Ap = A(p)
@@ -125,10 +124,14 @@ class CG:
             res = tnorm(r)
             if res < best_res:
                 best_x, best_res = x, res
-        # On an indefinite or nearly singular operator the residual is not monotone: return the
-        # iterate with the smallest residual (the last one whenever CG behaves).
-        self.info = SolveInfo(it, best_res / bnorm)
-        return best_x
+        if res > start_res:
+            # Diverging (an indefinite or nearly singular operator): fall back to the iterate
+            # with the smallest residual. Otherwise keep the last iterate, which CG makes
+            # optimal in the A-norm on positive definite operators.
+            self.info = SolveInfo(it, best_res / bnorm)
+            return best_x
+        self.info = SolveInfo(it, res / bnorm)
+        return x
 
 
 @dataclass
@@ -251,6 +254,12 @@ class OutputHessian:
             with torch.no_grad():
                 return jvp(g, (V,), (a,))[1]
 
+        if dense is None and d > 2:
+            # Two random probes detect an isotropic Hessian (H_i = c_i·I) for the price of two
+            # products instead of d: a random vector is an eigenvector of H_i only if H_i ∝ I.
+            iso = _probe_isotropic(g, V)
+            if iso is not None:
+                return cls.scaled_identity(iso, V)
         if not want_dense:
             return cls(None, hvp, V)
         eye = torch.eye(d, dtype=V.dtype, device=V.device)
@@ -315,6 +324,26 @@ class OutputHessian:
                 "∂²_v ℓ_in ≻ 0 (add a ridge term μ/2·‖pred‖² to the inner loss, for instance)"
             )
         return float(lam.min())
+
+
+def _probe_isotropic(g: Callable[[Tensor], Tensor], V: Tensor) -> Tensor | None:
+    """c with H_i = c_i·I, judged from two fixed Rademacher probes, or None."""
+    B, d = V.shape
+    gen = torch.Generator().manual_seed(0)  # fixed: never touches the global random state
+    R = (2 * torch.randint(0, 2, (2, B, d), generator=gen) - 1).to(V.dtype).to(V.device)
+    try:
+        with torch.no_grad():
+            HR = vmap(lambda r: jvp(g, (V,), (r,))[1])(R)
+    except RuntimeError:
+        return None  # not vmappable: the dense path has its own fallback
+    c = (R * HR).sum(2) / d  # Rayleigh quotients, ‖r‖² = d
+    tol = 1e3 * torch.finfo(V.dtype).eps
+    dev = (HR - c[:, :, None] * R).norm(dim=2)
+    scale = HR.norm(dim=2).clamp_min(torch.finfo(V.dtype).tiny)
+    same = (c[0] - c[1]).abs() <= tol * c.abs().amax(0).clamp_min(torch.finfo(V.dtype).tiny)
+    if bool((dev <= tol * scale).all()) and bool(same.all()):
+        return c[0]
+    return None
 
 
 def _isotropic_scale(H: Tensor) -> Tensor | None:

@@ -159,3 +159,17 @@ def test_resolved_config_round_trips():
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     assert plan_runs(cfg)
+
+
+def test_problem_fields_may_use_any_name(tmp_path):
+    # A problem section's own field called "source" must not clash with the config's bookkeeping.
+    import funcbo.apps.iv.experiment  # noqa: F401
+
+    data = {
+        "experiment": "iv_dsprites",
+        "problem": {"source": "render", "n": 100},
+        "methods": {"d": {"kind": "dfiv"}},
+        "grid": {"problem.n": [100, 200]},
+    }
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.problem.source == "render" and len(plan_runs(cfg)) == 2

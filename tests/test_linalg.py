@@ -116,15 +116,29 @@ def test_isotropic_detection_and_scalar_outputs():
 
 
 def test_output_hessian_without_vmap_support_falls_back():
-    calls = []
-
     def loss(v):
-        if v.sum() > 1e9:  # data-dependent Python branch: not vmappable
-            calls.append(1)
-        return (v**2).sum(1)
+        out = torch.zeros(v.shape[0], dtype=v.dtype)
+        out += (v**2).sum(1)  # in-place write of a batched tangent: vmap cannot run this
+        return out
 
-    H = OutputHessian.of_loss(loss, torch.randn(4, 3, dtype=torch.float64))
+    V = torch.randn(4, 3, dtype=torch.float64)
+    H = OutputHessian.of_loss(loss, V, dense=True)
     assert torch.allclose(H.dense, 2 * torch.eye(3, dtype=torch.float64).expand(4, 3, 3))
+    auto = OutputHessian.of_loss(loss, V)  # the isotropy probe cannot vmap either
+    assert torch.allclose(
+        auto.matvec(torch.ones(4, 3, dtype=torch.float64)),
+        torch.full((4, 3), 2.0, dtype=torch.float64),
+    )
+
+
+def test_isotropy_probe_avoids_dense_hessians():
+    V = torch.randn(6, 8, dtype=torch.float64)
+    iso = OutputHessian.of_loss(lambda v: 1.5 * (v**2).sum(1) * (1 + 0 * v[:, 0]), V)
+    assert iso.dense is None and torch.allclose(
+        iso.isotropic, torch.full((6,), 3.0, dtype=torch.float64)
+    )
+    general = OutputHessian.of_loss(_softmax_ridge, V)
+    assert general.dense is not None and general.isotropic is None
 
 
 def test_output_hessian_carries_no_graph_to_outer_parameters():

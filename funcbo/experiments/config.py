@@ -80,7 +80,7 @@ class ExperimentConfig:
     threads: int | None = None
     tensorboard: bool = False
     grid: dict[str, list[Any]] = field(default_factory=dict)
-    source: str = field(default="<dict>", repr=False, compare=False)
+    source: str = field(default="<dict>", init=False, repr=False, compare=False)
 
     def spec(self) -> ExperimentSpec:
         return get_experiment(self.experiment)
@@ -175,7 +175,7 @@ def build_dataclass(cls: type, data: Any, key: str, src: str) -> Any:
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{src}: {key or 'top level'}: expected a mapping, got {_describe(data)}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "source"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = _hints(cls)
     for k in data:
         if k not in fields:

@@ -1,0 +1,698 @@
+"""Time and peak memory of one total-gradient estimate as the inner network widens.
+
+Methods, all on the same instrumental-variable-like functional bilevel problem
+
+    inner:  ℓ_in(ω, v, (x, t)) = ½‖v − ψ_ω(t)‖²,        h*_ω = argmin_h E_in[ℓ_in(ω, h(x), t)]
+    outer:  ℓ_out(ω, v, (x, y)) = ½(y − u_ω(v))²,        F(ω) = E_out[ℓ_out(ω, h*_ω(x), y)]
+
+with continuous instruments x, ω = a small fixed-size treatment network ψ and a linear head u,
+and an inner MLP h of depth 3 whose width varies:
+
+* ``funcid_linear``: ``FuncID.hypergradient`` with ``LinearAdjoint`` (closed form on the last
+  hidden features): all the work after the inner steps.
+* ``funcid_network``: ``FuncID.hypergradient`` with ``NetworkAdjoint`` (K Adam steps on a warm
+  adjoint network of the inner model's architecture).
+* ``aid_cg``: funcbo's ``AID.hypergradient`` with ``CG(maxiter)`` in parameter space.
+* ``torchopt_aid_cg``: TorchOpt's ``custom_root`` with ``solve_cg(maxiter)`` (an external AID
+  reference): the backward pass through the implicit solution.
+* ``itd``: funcbo's ``ITD.step`` with ``unroll`` steps; it includes its inner steps by
+  construction (the unrolled steps are what it differentiates).
+* ``plain_step``: forward and backward of the inner and outer losses on the same batches, the
+  cost of one ordinary gradient step, for scale.
+
+Every (method, width) runs in a fresh process (this script re-invoking itself with
+``--worker``), with ``MALLOC_MMAP_THRESHOLD_=65536`` so that the resident set tracks live tensors.
+A worker builds the models from fixed seeds, trains the inner model a few Adam steps, makes one
+warm-up call, then times ``--repeats`` calls (median). The extra memory of a call is its peak
+resident set (CUDA: peak allocated bytes) minus the memory in use just before it. The script
+prints a table with ratios to ``funcid_linear`` and the targets, and writes JSON.
+
+Usage::
+
+    python benchmarks/hypergradient_cost.py                      # full sweep, widths 64..4096
+    python benchmarks/hypergradient_cost.py --widths 64 256 --repeats 3
+    python benchmarks/hypergradient_cost.py --check              # funcbo AID vs TorchOpt only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from funcbo import AID, CG, ITD, BilevelProblem, FuncID, LinearAdjoint, NetworkAdjoint
+from funcbo.inner import InnerSolver
+from funcbo.io import atomic_write_json
+from funcbo.memory import current_bytes, low_mmap_threshold_env, peak_bytes, reset_peak
+from funcbo.synthetic import mlp
+
+METHODS = ("funcid_linear", "funcid_network", "aid_cg", "torchopt_aid_cg", "itd", "plain_step")
+REFERENCE = "funcid_linear"
+NOTES = {
+    "funcid_linear": "FuncID.hypergradient, LinearAdjoint (closed form)",
+    "funcid_network": "FuncID.hypergradient, NetworkAdjoint (K Adam steps, warm)",
+    "aid_cg": "funcbo AID.hypergradient, CG(maxiter) in parameter space",
+    "torchopt_aid_cg": "TorchOpt custom_root + solve_cg(maxiter): backward through the solution",
+    "itd": "funcbo ITD.step: includes its `unroll` inner steps by construction",
+    "plain_step": "forward + backward of inner and outer losses (one gradient step)",
+}
+RESULT_TAG = "RESULT_JSON "
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "hypergradient_cost.json"
+MB = 2.0**20
+#: options a worker needs, passed on from the parent's command line
+CFG_KEYS = (
+    "depth batch in_dim treat_dim out_dim dtype device threads repeats train_steps inner_lr "
+    "adjoint_steps cg_iters unroll itd_lr seed check_damping check_cg_iters"
+).split()
+
+
+# ------------------------------------------------------------------------------- the problem
+class TreatmentNet(nn.Module):
+    """Outer variable ω: a small treatment network ψ(t) ∈ R^d and a linear outcome head u."""
+
+    def __init__(self, q: int, d: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.psi = nn.Sequential(nn.Linear(q, hidden), nn.Tanh(), nn.Linear(hidden, d))
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, t: Tensor) -> Tensor:
+        """ψ(t), shape ``[B, d]``."""
+        return self.psi(t)
+
+
+def inner_loss(outer: Callable[[Tensor], Tensor], pred: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """ℓ_in = ½‖v − ψ_ω(t)‖² per sample (``outer`` only needs to map t to ψ(t))."""
+    return 0.5 * ((pred - outer(batch["t"])) ** 2).sum(1)
+
+
+def outer_loss(outer: TreatmentNet, pred: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """ℓ_out = ½(y − u(v))² per sample."""
+    return 0.5 * ((batch["y"] - outer.head(pred)) ** 2).sum(1)
+
+
+def make_batches(
+    cfg: dict[str, Any], dtype: torch.dtype, device: torch.device
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Seeded inner batch {x, t} and outer batch {x, y}: continuous instruments x ∈ R^p.
+
+    t = A x + confounder + noise; y = sin(⟨β, t⟩) + 2·confounder + noise.
+    """
+    g = torch.Generator().manual_seed(cfg["seed"])
+    p, q, n = cfg["in_dim"], cfg["treat_dim"], cfg["batch"]
+    mix = torch.randn(p, q, generator=g) / math.sqrt(p)
+    beta = torch.randn(q, generator=g) / math.sqrt(q)
+
+    def draw() -> tuple[Tensor, Tensor, Tensor]:
+        x = torch.randn(n, p, generator=g)
+        conf = torch.randn(n, 1, generator=g)
+        t = x @ mix + conf + 0.5 * torch.randn(n, q, generator=g)
+        return x, t, conf
+
+    x_in, t_in, _ = draw()
+    x_out, t_out, conf = draw()
+    y = torch.sin(t_out @ beta)[:, None] + 2.0 * conf + 0.1 * torch.randn(n, 1, generator=g)
+
+    def put(b: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(dtype=dtype, device=device) for k, v in b.items()}
+
+    return put({"x": x_in, "t": t_in}), put({"x": x_out, "y": y})
+
+
+class Setup:
+    """Problem, models (fixed seeds) and batches, with the inner model trained a few steps."""
+
+    def __init__(self, cfg: dict[str, Any], width: int) -> None:
+        self.cfg = cfg
+        self.width = width
+        self.dtype = getattr(torch, cfg["dtype"])
+        self.device = torch.device(cfg["device"])
+        self.problem = BilevelProblem(inner_loss, outer_loss)
+        self.inner_batch, self.outer_batch = make_batches(cfg, self.dtype, self.device)
+        torch.manual_seed(cfg["seed"] + 1)
+        self.outer = TreatmentNet(cfg["treat_dim"], cfg["out_dim"]).to(self.dtype).to(self.device)
+        torch.manual_seed(cfg["seed"] + 2)
+        sizes = [cfg["in_dim"], *([width] * cfg["depth"]), cfg["out_dim"]]
+        self.inner = mlp(sizes).to(self.dtype).to(self.device)
+        self.inner_opt = torch.optim.Adam(self.inner.parameters(), lr=cfg["inner_lr"])
+        self.n_params = sum(p.numel() for p in self.inner.parameters())
+        self.train_loss = InnerSolver(self.inner, self.inner_opt, cfg["train_steps"]).run(
+            self.problem, self.outer, [self.inner_batch]
+        )
+
+
+# ------------------------------------------------------------------------------- the methods
+Call = Callable[[], Any]
+Info = Callable[[], dict[str, Any]]
+
+
+def torchopt_call(s: Setup, cg_iters: int, damping: float = 0.0) -> tuple[Call, Info]:
+    """TorchOpt implicit differentiation on the same problem and the same trained inner weights.
+
+    ``custom_root`` gets the optimality condition ∇_θ L_in(θ, ω) = 0; its solver returns the
+    already trained θ, so a call measures the work after the inner solve: the outer loss at
+    θ*(ω) and the backward pass through the implicit solution (CG in parameter space).
+    """
+    # TorchOpt 0.7.3 calls the deprecated functorch.vjp alias; the warning is not ours to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchopt\.")
+    from torchopt.diff.implicit import custom_root
+    from torchopt.linear_solve import solve_cg
+
+    inner, outer, problem = s.inner, s.outer, s.problem
+    names = [n for n, _ in inner.named_parameters()]
+    onames = [n for n, _ in outer.named_parameters()]
+    x_in = problem.input(s.inner_batch, "inner")
+    x_out = problem.input(s.outer_batch, "outer")
+
+    def inner_objective(theta: tuple[Tensor, ...], omega: tuple[Tensor, ...]) -> Tensor:
+        pred = functional_call(inner, dict(zip(names, theta, strict=True)), (x_in,))
+
+        def psi(t: Tensor) -> Tensor:
+            return functional_call(outer, dict(zip(onames, omega, strict=True)), (t,))
+
+        return problem.inner_loss(psi, pred, s.inner_batch).mean()
+
+    def optimality(theta: tuple[Tensor, ...], omega: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return torch.func.grad(inner_objective)(theta, omega)
+
+    # rtol matches funcbo's CG tolerance, so that both run all `cg_iters` iterations.
+    cg = solve_cg(maxiter=cg_iters, rtol=1e-10, ridge=damping or None)
+    count = {"hvp": 0}
+
+    def solve(matvec: Callable[[Any], Any], b: Any) -> Any:
+        def counted(v: Any) -> Any:
+            count["hvp"] += 1
+            return matvec(v)
+
+        return cg(counted, b)
+
+    @custom_root(optimality, argnums=1, solve=solve)
+    def inner_solve(theta: tuple[Tensor, ...], omega: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return theta
+
+    def call() -> tuple[Tensor, ...]:
+        count["hvp"] = 0
+        theta = tuple(p.detach() for p in inner.parameters())
+        omega = tuple(outer.parameters())
+        theta_star = inner_solve(theta, omega)
+        pred = functional_call(inner, dict(zip(names, theta_star, strict=True)), (x_out,))
+        loss = problem.outer_loss(outer, pred, s.outer_batch).mean()
+        return torch.autograd.grad(loss, omega)
+
+    # TorchOpt's CG also multiplies its zero initial guess: one product more than iterations.
+    return call, lambda: {"hessian_vector_products": count["hvp"]}
+
+
+def method_call(method: str, s: Setup) -> tuple[Call, Info]:
+    """The measured work of ``method`` on ``s`` (a zero-argument function) and its diagnostics."""
+    cfg = s.cfg
+    prob, outer, ib, ob = s.problem, s.outer, s.inner_batch, s.outer_batch
+    if method in ("funcid_linear", "funcid_network"):
+        adjoint = (
+            LinearAdjoint()
+            if method == "funcid_linear"
+            else NetworkAdjoint(steps=cfg["adjoint_steps"])
+        )
+        est = FuncID(s.inner, s.inner_opt, adjoint=adjoint)
+        return lambda: est.hypergradient(prob, outer, ib, ob), lambda: dict(est.stats)
+    if method == "aid_cg":
+        aid = AID(s.inner, s.inner_opt, solver=CG(maxiter=cfg["cg_iters"]), warm_start=False)
+        return lambda: aid.hypergradient(prob, outer, ib, ob), lambda: dict(aid.stats)
+    if method == "torchopt_aid_cg":
+        return torchopt_call(s, cfg["cg_iters"])
+    if method == "itd":
+        itd = ITD(s.inner, lr=cfg["itd_lr"], unroll=cfg["unroll"])
+        return lambda: itd.step(prob, outer, [ib], ob), lambda: dict(itd.stats)
+    if method == "plain_step":
+        params = [*s.inner.parameters(), *outer.parameters()]
+
+        def plain() -> tuple[Tensor, ...]:
+            l_in = prob.inner_loss(outer, prob.predict(s.inner, ib, "inner"), ib).mean()
+            l_out = prob.outer_loss(outer, prob.predict(s.inner, ob, "outer"), ob).mean()
+            return torch.autograd.grad(l_in + l_out, params)
+
+        return plain, dict
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def have_torchopt() -> bool:
+    """Whether TorchOpt can be imported (the ``bench`` extra)."""
+    try:
+        import torchopt  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# -------------------------------------------------------------------------------- the workers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds used by the whole machine, by this process) so far; None if unknown."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def measure(fn: Callable[[], Any], repeats: int, device: torch.device) -> dict[str, Any]:
+    """One warm-up call, then ``repeats`` timed calls with their extra peak memory.
+
+    Also returns ``other_cpu``: the CPU time other processes used during the timed calls, as a
+    fraction of the machine's cores (0 on a quiet machine; contention inflates the timings).
+    """
+    out = fn()
+    _sync(device)
+    del out
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    times, extras, befores = [], [], []
+    for _ in range(repeats):
+        gc.collect()
+        _sync(device)
+        reset_peak(device)
+        before = current_bytes(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        extras.append(max(peak_bytes(device) - before, 0) / MB)
+        befores.append(before / MB)
+        times.append(dt * 1e3)
+        del out
+    cpu1, wall = _cpu_seconds(), time.perf_counter() - wall0
+    other = None
+    if cpu0 is not None and cpu1 is not None and wall > 0:
+        other = max((cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1]), 0.0) / (wall * (os.cpu_count() or 1))
+    return {
+        "other_cpu": other,
+        "time_ms": statistics.median(times),
+        "extra_mb": statistics.median(extras),
+        "time_ms_all": times,
+        "extra_mb_all": extras,
+        "mem_before_mb": statistics.median(befores),
+    }
+
+
+def worker(cfg: dict[str, Any], method: str, width: int) -> dict[str, Any]:
+    """Measure one (method, width) in this process."""
+    torch.set_num_threads(cfg["threads"])
+    s = Setup(cfg, width)
+    fn, info = method_call(method, s)
+    res = measure(fn, cfg["repeats"], s.device)
+    res.update(
+        stats=info(),
+        cg_iters=cfg["cg_iters"],
+        method=method,
+        width=width,
+        status="ok",
+        n_params=s.n_params,
+        inner_train_loss=s.train_loss,
+        threads=torch.get_num_threads(),
+    )
+    return res
+
+
+def _rel_diff(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    diff = math.sqrt(sum(float(((x - y) ** 2).sum()) for x, y in zip(a, b, strict=True)))
+    norm = math.sqrt(sum(float((y**2).sum()) for y in b))
+    return diff / max(norm, 1e-300)
+
+
+def check_worker(cfg: dict[str, Any], width: int) -> dict[str, Any]:
+    """Hypergradients of funcbo AID-CG and TorchOpt AID-CG on the same problem (float64).
+
+    The pass criterion solves the damped system (H + λI) v = ∂_θ L_out to convergence with both
+    libraries (λ = ``check_damping`` makes the indefinite parameter-space Hessian positive
+    definite), so the answer does not depend on how each CG handles a short, unconverged run.
+    The same comparison with the timed settings (no damping, ``cg_iters`` iterations) is
+    reported for information.
+    """
+    torch.set_num_threads(cfg["threads"])
+    cfg = {**cfg, "dtype": "float64"}
+    s = Setup(cfg, width)
+    out: dict[str, Any] = {"width": width, "dtype": "float64"}
+    for name, damping, iters in (
+        ("converged", cfg["check_damping"], cfg["check_cg_iters"]),
+        ("timed_settings", 0.0, cfg["cg_iters"]),
+    ):
+        aid = AID(s.inner, s.inner_opt, solver=CG(maxiter=iters, damping=damping), warm_start=False)
+        g_aid = aid.hypergradient(s.problem, s.outer, s.inner_batch, s.outer_batch)
+        call, info = torchopt_call(s, iters, damping)
+        g_to = call()
+        out[name] = {
+            "damping": damping,
+            "maxiter": iters,
+            "funcbo_cg_iterations": aid.solver.info.iterations,
+            "funcbo_cg_residual": aid.solver.info.residual,
+            "torchopt_hessian_vector_products": info()["hessian_vector_products"],
+            "rel_diff": _rel_diff(g_aid, g_to),
+        }
+    out["rel_diff"] = out["converged"]["rel_diff"]
+    out["converged_ok"] = out["converged"]["funcbo_cg_residual"] <= 1e-8
+    return out
+
+
+# ------------------------------------------------------------------------------ orchestration
+def _worker_cmd(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *extra]
+    for name in CFG_KEYS:
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return cmd
+
+
+def run_worker(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    """Run a worker in a fresh process; its last ``RESULT_JSON`` line is the result."""
+    env = low_mmap_threshold_env()
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    env["MKL_NUM_THREADS"] = str(args.threads)
+    try:
+        proc = subprocess.run(
+            _worker_cmd(args, extra),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "note": f"timed out after {args.timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG) :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    note = f"exit code {proc.returncode}: " + " / ".join(t.replace("|", "/") for t in tail)
+    return {"status": "failed", "note": note}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b > 0:
+        return None
+    return a / b
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """Time and memory ratios of every result to ``funcid_linear`` at the same width."""
+    ref = {r["width"]: r for r in results if r["method"] == REFERENCE and r["status"] == "ok"}
+    for r in results:
+        base = ref.get(r["width"])
+        ok = r["status"] == "ok" and base is not None
+        r["time_ratio"] = _ratio(r.get("time_ms"), base["time_ms"]) if ok else None
+        r["mem_ratio"] = _ratio(r.get("extra_mb"), base["extra_mb"]) if ok else None
+
+
+def _get(results: list[dict[str, Any]], method: str, width: int) -> dict[str, Any] | None:
+    for r in results:
+        if r["method"] == method and r["width"] == width and r["status"] == "ok":
+            return r
+    return None
+
+
+def evaluate_targets(results: list[dict[str, Any]], min_width: int = 1024) -> list[dict[str, Any]]:
+    """The issue's targets at every measured width ≥ ``min_width``."""
+    aid_ref = "torchopt_aid_cg"
+    if not any(r["method"] == aid_ref and r["status"] == "ok" for r in results):
+        aid_ref = "aid_cg"  # TorchOpt missing: the funcbo AID stands in (said in the name)
+    specs = [
+        ("time", aid_ref, "time_ms", 0.1),
+        ("extra memory", aid_ref, "extra_mb", 0.2),
+        ("time", "plain_step", "time_ms", 0.6),
+        ("time", "aid_cg", "time_ms", 0.1),
+        ("extra memory", "aid_cg", "extra_mb", 0.2),
+    ]
+    if aid_ref == "aid_cg":
+        specs = specs[:3]
+    widths = sorted({r["width"] for r in results if r["width"] >= min_width})
+    out = []
+    for w in widths:
+        f = _get(results, REFERENCE, w)
+        for what, other, key, bound in specs:
+            o = _get(results, other, w)
+            ratio = _ratio(f[key], o[key]) if f and o else None
+            out.append(
+                {
+                    "target": f"{REFERENCE} {what} <= {bound}x {other}",
+                    "width": w,
+                    "ratio": ratio,
+                    "bound": bound,
+                    "met": None if ratio is None else ratio <= bound,
+                    "primary": other != "aid_cg" or aid_ref == "aid_cg",
+                }
+            )
+    return out
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+CONTENTION = 0.1  # other processes' CPU share above which a timing is flagged
+
+
+def _notes(r: dict[str, Any]) -> str:
+    stats = r.get("stats") or {}
+    notes = []
+    if r["method"] == "aid_cg" and "solver_iters" in stats:
+        its = int(stats["solver_iters"])
+        notes.append(
+            f"{its} CG iterations"
+            + (" (stopped at negative curvature)" if its < r["cg_iters"] else "")
+        )
+    if r["method"] == "torchopt_aid_cg" and "hessian_vector_products" in stats:
+        notes.append(f"{stats['hessian_vector_products']} Hessian-vector products")
+    if r["method"] == "itd":
+        notes.append("includes its inner steps")
+    other = r.get("other_cpu")
+    if other is not None and other > CONTENTION:
+        notes.append(f"other processes used {100 * other:.0f}% of the CPU")
+    return "; ".join(notes)
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table: method × width with absolute figures and ratios to funcid_linear."""
+    lines = [
+        "| width | params | method | time (ms) | extra memory (MB) | time / funcid_linear "
+        "| memory / funcid_linear | notes |",
+        "|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for r in sorted(results, key=lambda r: (r["width"], order.get(r["method"], 99))):
+        if r["status"] != "ok":
+            lines.append(
+                f"| {r['width']} | | {r['method']} | {r['status']} | | | | {r.get('note', '')} |"
+            )
+            continue
+        lines.append(
+            f"| {r['width']} | {r['n_params'] / 1e6:.2f}M | {r['method']} | {r['time_ms']:.1f} "
+            f"| {r['extra_mb']:.1f} | {_fmt(r['time_ratio'], '.3f')} "
+            f"| {_fmt(r['mem_ratio'], '.3f')} | {_notes(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def format_targets(targets: list[dict[str, Any]]) -> str:
+    """One line per target and width: met or missed with the measured ratio."""
+    if not targets:
+        return "No width >= 1024 was measured: the targets are not evaluated."
+    lines = []
+    for t in targets:
+        verdict = "n/a (missing)" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        tag = "" if t["primary"] else "  [also vs funcbo's AID]"
+        lines.append(
+            f"- width {t['width']}: {t['target']}: ratio {_fmt(t['ratio'], '.3f')} -> "
+            f"{verdict}{tag}"
+        )
+    return "\n".join(lines)
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """Versions, threads and machine description for the JSON record."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import torchopt
+
+        torchopt_version: str | None = torchopt.__version__
+    except Exception:
+        torchopt_version = None
+    return {
+        "torch": torch.__version__,
+        "torchopt": torchopt_version,
+        "python": platform.python_version(),
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu,
+        "machine": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options (the worker options are internal)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--depth", type=int, default=3, help="hidden layers of the inner MLP")
+    p.add_argument("--batch", type=int, default=256, help="inner and outer batch size")
+    p.add_argument("--in-dim", type=int, default=32, help="instrument dimension")
+    p.add_argument("--treat-dim", type=int, default=8, help="treatment dimension")
+    p.add_argument("--out-dim", type=int, default=16, help="inner model output dimension d_v")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in workers")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
+    p.add_argument("--train-steps", type=int, default=20, help="Adam steps on the inner model")
+    p.add_argument("--inner-lr", type=float, default=1e-3)
+    p.add_argument("--adjoint-steps", type=int, default=10, help="K for funcid_network")
+    p.add_argument("--cg-iters", type=int, default=10, help="CG iterations for AID")
+    p.add_argument("--unroll", type=int, default=10, help="ITD unrolled steps")
+    p.add_argument("--itd-lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    p.add_argument(
+        "--check-width", type=int, default=256, help="inner width of the AID agreement check"
+    )
+    p.add_argument(
+        "--check-damping",
+        type=float,
+        default=1.0,
+        help="damping λ of both CGs in the check, enough to make H + λI positive definite",
+    )
+    p.add_argument("--check-cg-iters", type=int, default=200, help="CG budget of the check")
+    p.add_argument("--no-check", action="store_true", help="skip the funcbo/TorchOpt AID check")
+    p.add_argument("--check", action="store_true", help="only run the AID agreement check")
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--check-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _cfg(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in CFG_KEYS}
+
+
+def run_check(args: argparse.Namespace) -> dict[str, Any]:
+    """The funcbo-vs-TorchOpt AID agreement check in a fresh process (printed and returned)."""
+    if not have_torchopt():
+        print("check: TorchOpt is not installed (pip install -e '.[bench]'); skipped")
+        return {"status": "skipped", "note": "torchopt not installed"}
+    res = run_worker(args, ["--check-worker", "--width", str(args.check_width)])
+    if res.get("status") == "failed":
+        print(f"check failed: {res['note']}")
+        return res
+    res["status"] = "ok"
+    c, t = res["converged"], res["timed_settings"]
+    print(
+        f"check (width {res['width']}, float64): (H + {c['damping']:g}·I) v = ∂θ L_out solved by "
+        f"both CGs ({c['funcbo_cg_iterations']} iterations, relative residual "
+        f"{c['funcbo_cg_residual']:.1e}): relative difference of the hypergradients, funcbo AID vs "
+        f"TorchOpt AID = {c['rel_diff']:.2e}"
+    )
+    if not res["converged_ok"]:
+        print("  funcbo's CG did not converge: raise --check-damping or --check-cg-iters")
+    print(
+        f"  with the timed settings (no damping, {t['maxiter']} iterations, unconverged: relative "
+        f"residual {t['funcbo_cg_residual']:.2f}) the difference is {t['rel_diff']:.2e}: funcbo's "
+        "CG returns its smallest-residual iterate, TorchOpt's its last"
+    )
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: a worker, the check, or the full sweep."""
+    args = parse_args(argv)
+    cfg = _cfg(args)
+    if args.worker:
+        res = worker(cfg, args.worker, args.width)
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+    if args.check_worker:
+        res = check_worker(cfg, args.width)
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+
+    record: dict[str, Any] = {
+        "benchmark": "hypergradient_cost",
+        "command": " ".join(
+            ["python", "benchmarks/hypergradient_cost.py", *(argv or sys.argv[1:])]
+        ),
+        "config": {**cfg, "widths": args.widths, "methods": args.methods},
+        "environment": environment(args.threads),
+        "methods": {m: NOTES[m] for m in args.methods},
+        "load_average_start": list(os.getloadavg()),
+    }
+    check = {"status": "skipped", "note": "--no-check"} if args.no_check else run_check(args)
+    record["check"] = check
+    if args.check:
+        atomic_write_json(args.out, record)
+        return 0 if check.get("status") != "failed" else 1
+
+    torchopt_ok = have_torchopt()
+    results: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for width in args.widths:
+        for method in args.methods:
+            if method == "torchopt_aid_cg" and not torchopt_ok:
+                res = {"status": "skipped", "note": "torchopt not installed"}
+            else:
+                res = run_worker(args, ["--worker", method, "--width", str(width)])
+            res.update(method=method, width=width)
+            results.append(res)
+            shown = (
+                f"{res['time_ms']:10.1f} ms {res['extra_mb']:9.1f} MB"
+                if res["status"] == "ok"
+                else f"{res['status']}: {res.get('note', '')}"
+            )
+            print(f"  width {width:5d}  {method:16s} {shown}", flush=True)
+    add_ratios(results)
+    targets = evaluate_targets(results)
+    record.update(
+        results=results,
+        targets=targets,
+        wall_time_s=time.perf_counter() - t_start,
+        load_average_end=list(os.getloadavg()),
+    )
+    print()
+    print(
+        f"One total-gradient estimate, depth {args.depth}, batch {args.batch}, {args.dtype}, "
+        f"{args.device}, {args.threads} threads, median of {args.repeats} calls:"
+    )
+    print(format_table(results))
+    print()
+    print("Targets (width >= 1024):")
+    print(format_targets(targets))
+    atomic_write_json(args.out, record)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

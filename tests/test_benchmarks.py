@@ -1,0 +1,107 @@
+"""Smoke tests of the benchmarks: a tiny configuration runs end to end and writes its JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "hypergradient_cost.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("hypergradient_cost", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _torchopt_available() -> bool:
+    try:
+        import torchopt  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def test_hypergradient_cost_tiny(tmp_path: Path) -> None:
+    """Every method runs in its own process on a tiny problem; the JSON holds positive times."""
+    out = tmp_path / "cost.json"
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--widths", "16",
+        "--repeats", "1",
+        "--batch", "16",
+        "--train-steps", "1",
+        "--threads", "1",
+        "--check-width", "16",
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Targets" in proc.stdout
+    record = json.loads(out.read_text())
+    bench = _load()
+    results = {r["method"]: r for r in record["results"]}
+    assert set(results) == set(bench.METHODS)
+    for method, r in results.items():
+        if method == "torchopt_aid_cg" and not _torchopt_available():
+            assert r["status"] == "skipped"
+            continue
+        assert r["status"] == "ok", r
+        assert r["time_ms"] > 0
+        assert r["extra_mb"] >= 0  # a tiny call may fit in memory the process already holds
+        assert r["n_params"] > 0
+        assert r["time_ratio"] is not None and r["time_ratio"] > 0
+    assert record["environment"]["threads"] == 1
+    assert record["targets"] == []  # no width ≥ 1024 in this configuration
+    if _torchopt_available():
+        assert record["check"]["status"] == "ok"
+        assert record["check"]["converged_ok"]
+        assert record["check"]["rel_diff"] < 1e-8
+
+
+def test_torchopt_missing_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without TorchOpt its method and the check are skipped with a note, not failed."""
+    bench = _load()
+    monkeypatch.setitem(sys.modules, "torchopt", None)  # makes `import torchopt` fail
+    out = tmp_path / "cost.json"
+    argv = ["--widths", "16", "--methods", "torchopt_aid_cg", "--out", str(out)]
+    assert bench.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["check"]["status"] == "skipped"
+    (r,) = record["results"]
+    assert r["status"] == "skipped" and "torchopt" in r["note"]
+    assert "torchopt not installed" in capsys.readouterr().out
+
+
+def test_targets_report_misses() -> None:
+    """A target that is not reached is reported as missed with its ratio."""
+    bench = _load()
+
+    def row(method: str, t: float, m: float) -> dict[str, object]:
+        return {"method": method, "width": 1024, "status": "ok", "time_ms": t, "extra_mb": m}
+
+    results = [
+        row("funcid_linear", 10.0, 5.0),
+        row("torchopt_aid_cg", 50.0, 100.0),
+        row("aid_cg", 200.0, 100.0),
+        row("plain_step", 20.0, 10.0),
+    ]
+    bench.add_ratios(results)
+    targets = {(t["target"], t["width"]): t for t in bench.evaluate_targets(results)}
+    time_vs_torchopt = targets[("funcid_linear time <= 0.1x torchopt_aid_cg", 1024)]
+    assert time_vs_torchopt["ratio"] == pytest.approx(0.2) and time_vs_torchopt["met"] is False
+    assert targets[("funcid_linear extra memory <= 0.2x torchopt_aid_cg", 1024)]["met"] is True
+    assert targets[("funcid_linear time <= 0.6x plain_step", 1024)]["met"] is True
+    assert "MISSED" in bench.format_targets(list(targets.values()))
