@@ -620,8 +620,9 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         print("  funcbo's CG did not converge: raise --check-damping or --check-cg-iters")
     print(
         f"  with the timed settings (no damping, {t['maxiter']} iterations, unconverged: relative "
-        f"residual {t['funcbo_cg_residual']:.2f}) the difference is {t['rel_diff']:.2e}: funcbo's "
-        "CG returns its smallest-residual iterate, TorchOpt's its last"
+        f"residual {t['funcbo_cg_residual']:.2f}) the difference is {t['rel_diff']:.2e}: on this "
+        "indefinite Hessian funcbo's CG falls back to its smallest-residual iterate when its "
+        "residual ends above the start, TorchOpt's returns its last iterate"
     )
     return res
 
