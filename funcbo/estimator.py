@@ -48,6 +48,35 @@ class HypergradientEstimator(ABC):
         """Restore what :meth:`state_dict` returned."""
 
 
+class ImplicitEstimator(HypergradientEstimator):
+    """An estimator that runs its inner solver, then computes ∇F(ω) at the inner model it left.
+
+    Subclasses (:class:`~funcbo.FuncID`, :class:`~funcbo.AID`) set ``self.inner`` (an
+    :class:`~funcbo.inner.InnerSolver`) and implement :meth:`hypergradient`.
+    """
+
+    inner: Any
+
+    def step(
+        self,
+        problem: BilevelProblem,
+        outer: nn.Module,
+        inner_batches: Batch | Sequence[Batch],
+        outer_batch: Batch,
+    ) -> tuple[Tensor, ...]:
+        batches = as_batch_list(inner_batches)
+        inner_loss = self.inner.run(problem, outer, batches)
+        grads = self.hypergradient(problem, outer, batches[-1], outer_batch)
+        self.stats["inner_loss"] = inner_loss
+        return grads
+
+    @abstractmethod
+    def hypergradient(
+        self, problem: BilevelProblem, outer: nn.Module, inner_batch: Batch, outer_batch: Batch
+    ) -> tuple[Tensor, ...]:
+        """∇F(ω) at the current inner model (no inner steps)."""
+
+
 def as_batch_list(inner_batches: Batch | Sequence[Batch]) -> list[Batch]:
     """One batch or a list of batches → a non-empty list of batches.
 

@@ -23,9 +23,8 @@ from torch import Tensor, nn
 
 from funcbo.adjoints import Adjoint, AdjointProblem, LinearAdjoint
 from funcbo.estimator import (
-    HypergradientEstimator,
+    ImplicitEstimator,
     add_grads,
-    as_batch_list,
     finish_outer_grads,
     grad_norm,
     trainable,
@@ -35,7 +34,7 @@ from funcbo.linalg import OutputHessian
 from funcbo.problem import Batch, BilevelProblem, check_pred
 
 
-class FuncID(HypergradientEstimator):
+class FuncID(ImplicitEstimator):
     """Functional implicit differentiation (Algorithm 1 of the FuncID paper, one outer step).
 
     ``step`` runs ``inner_steps`` optimizer steps on the inner model, then fits the adjoint and
@@ -72,19 +71,6 @@ class FuncID(HypergradientEstimator):
         self.check_convexity = check_convexity
         self.dense_hessian_max = dense_hessian_max
         self.stats: dict[str, float] = {}
-
-    def step(
-        self,
-        problem: BilevelProblem,
-        outer: nn.Module,
-        inner_batches: Batch | Sequence[Batch],
-        outer_batch: Batch,
-    ) -> tuple[Tensor, ...]:
-        batches = as_batch_list(inner_batches)
-        inner_loss = self.inner.run(problem, outer, batches)
-        grads = self.hypergradient(problem, outer, batches[-1], outer_batch)
-        self.stats["inner_loss"] = inner_loss
-        return grads
 
     def hypergradient(
         self, problem: BilevelProblem, outer: nn.Module, inner_batch: Batch, outer_batch: Batch

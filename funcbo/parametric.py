@@ -19,6 +19,7 @@ from torch.func import functional_call
 from funcbo.distributed import all_reduce_mean_, differentiable_all_reduce_mean
 from funcbo.estimator import (
     HypergradientEstimator,
+    ImplicitEstimator,
     add_grads,
     as_batch_list,
     finish_outer_grads,
@@ -34,7 +35,7 @@ def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> t
     return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, like, strict=True))
 
 
-class AID(HypergradientEstimator):
+class AID(ImplicitEstimator):
     """Approximate implicit differentiation in parameter space.
 
     ∇F(ω) ≈ ∂_ω L_out − ∂_ω∂_θ L_in · v,   with v ≈ (∂²_θ L_in)⁻¹ ∂_θ L_out
@@ -67,19 +68,6 @@ class AID(HypergradientEstimator):
         self.warm_start = warm_start
         self._v: tuple[Tensor, ...] | None = None
         self.stats: dict[str, float] = {}
-
-    def step(
-        self,
-        problem: BilevelProblem,
-        outer: nn.Module,
-        inner_batches: Batch | Sequence[Batch],
-        outer_batch: Batch,
-    ) -> tuple[Tensor, ...]:
-        batches = as_batch_list(inner_batches)
-        inner_loss = self.inner.run(problem, outer, batches)
-        out = self.hypergradient(problem, outer, batches[-1], outer_batch)
-        self.stats["inner_loss"] = inner_loss
-        return out
 
     def hypergradient(
         self, problem: BilevelProblem, outer: nn.Module, inner_batch: Batch, outer_batch: Batch

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from funcbo.experiments.store import SUMMARY, SWEEP, RunDir, find_runs
-from funcbo.io import atomic_write_json, atomic_write_text
+from funcbo.io import atomic_write, atomic_write_json, atomic_write_text
 
 #: training losses reported after the headline metric, in this order, when runs log them
 LOSSES = ("outer_loss", "inner_loss", "adjoint_loss")
@@ -345,17 +343,9 @@ def _save_figure(fig: Any, stem: Path) -> list[Path]:
     with matplotlib.rc_context({"svg.hashsalt": "funcbo"}):
         for ext, kwargs in (("png", {"dpi": 150}), ("svg", {"metadata": {"Date": None}})):
             path = stem.with_name(f"{stem.name}.{ext}")
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    fig.savefig(f, format=ext, **kwargs)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            atomic_write(
+                path, lambda f, ext=ext, kwargs=kwargs: fig.savefig(f, format=ext, **kwargs)
+            )
             written.append(path)
     return written
 
