@@ -174,3 +174,25 @@ def test_tensorboard_event_files_when_enabled(tmp_path):
     run_sweep(plan_runs(cfg, seeds=[0]), tmp_path / "o", progress=False)
     events = list((tmp_path / "o" / "lin/seed_0" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_cli_run_then_report_on_a_tiny_sweep(tmp_path, capsys):
+    from funcbo.cli import main
+
+    path = _config(tmp_path, {**TINY, "seeds": [0, 1]})
+    out = tmp_path / "sweep"
+    assert main(["run", str(path), "--out", str(out), "--workers", "2", "--quiet"]) == 0
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| **lin** | 2 |" in printed and "beta_error" in printed  # the only variant: best
+    for name in (
+        "tiny.md",
+        "tiny.json",
+        "tiny_box.png",
+        "tiny_box.svg",
+        "tiny_curves.png",
+        "tiny_curves.svg",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "tiny.json").read_text())
+    assert report["methods"]["lin"]["beta_error"]["n"] == 2
