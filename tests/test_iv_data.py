@@ -183,21 +183,101 @@ def test_demand_design(tmp_path: Path) -> None:
     d = demand_data(1000, 0, rho=0.5, cache_dir=tmp_path)
     assert len(d.stage1) == len(d.stage2) == 500 and len(d.test) == 2800
     for s in (d.stage1, d.stage2):
-        assert s.instrument.shape == s.treatment.shape == (500, 3)
-        p, t, typ = s.treatment.T
-        np.testing.assert_array_equal(s.instrument[:, 1:], s.treatment[:, 1:])  # covariates
+        assert s.instrument.shape == (500, 3) and s.treatment.shape == (500, 1)
+        assert s.covariate is not None and s.covariate.shape == (500, 2)
+        p = s.treatment[:, 0]
+        t, typ = s.covariate.T
+        np.testing.assert_array_equal(s.instrument[:, 1:], s.covariate)  # exogenous covariates
         assert t.min() >= 0 and t.max() <= 10 and set(np.unique(typ)) <= set(range(1, 8))
         np.testing.assert_allclose(s.structural[:, 0], demand_f(p, t, typ))
         c = s.instrument[:, 0]
         v = p - 25 - (c + 3) * demand_psi(t)  # the price noise
         e = (s.outcome - s.structural)[:, 0]
         assert 0.3 < np.corrcoef(v, e)[0, 1] < 0.7  # ρ = 0.5
-    grid = d.test.treatment
-    assert grid.shape == (2800, 3)
-    assert np.allclose(np.unique(grid[:, 0]), np.linspace(10, 25, 20))
-    assert np.allclose(np.unique(grid[:, 1]), np.linspace(0, 10, 20))
+    assert d.test.treatment.shape == (2800, 1)
+    assert d.test.covariate is not None and d.test.covariate.shape == (2800, 2)
+    grid = np.c_[d.test.treatment, d.test.covariate]
+    expected = list(itertools.product(np.linspace(10, 25, 20), np.linspace(0, 10, 20), range(1, 8)))
+    np.testing.assert_allclose(grid, np.array(expected, dtype=float))
+    np.testing.assert_allclose(d.test.structural[:, 0], demand_f(*grid.T))
     assert demand_f(25.0, 5.0, 1) == pytest.approx(100 + 35 * demand_psi(5.0) - 50)
     again = demand_data(1000, 0, rho=0.5, use_cache=False)
     np.testing.assert_array_equal(again.stage1.outcome, d.stage1.outcome)
+    cached = demand_data(1000, 0, rho=0.5, cache_dir=tmp_path)  # read back from the cache
+    assert cached.stage2.covariate is not None
+    np.testing.assert_array_equal(cached.stage2.covariate, d.stage2.covariate)
     with pytest.raises(ValueError, match="rho"):
         demand_data(100, 0, rho=2.0, use_cache=False)
+
+
+def test_demand_draws_follow_the_documented_order() -> None:
+    """Re-derive the demand data from its specification, draw by draw (as DFIV's generator)."""
+    n, seed, rho = 30, 4, 0.9
+    rng = np.random.default_rng(seed)
+    s = rng.choice(list(range(1, 8)), n)
+    t = rng.uniform(0, 10, n)
+    c = rng.normal(0, 1.0, n)
+    v = rng.normal(0, 1.0, n)
+    e = rho * v + rng.normal(0, np.sqrt(1 - rho**2), n)
+    p = 25 + (c + 3) * demand_psi(t) + v
+    d = demand_data(n, seed, rho=rho, use_cache=False)
+    i1, i2 = split_indices(n, seed)
+    for part, idx in ((d.stage1, i1), (d.stage2, i2)):
+        np.testing.assert_allclose(part.treatment[:, 0], p[idx], rtol=1e-12)
+        np.testing.assert_allclose(part.covariate, np.c_[t, s][idx], rtol=1e-12)
+        np.testing.assert_allclose(part.instrument, np.c_[c, t, s][idx], rtol=1e-12)
+        np.testing.assert_allclose(part.outcome[:, 0], demand_f(p, t, s)[idx] + e[idx])
+
+
+def test_demand_constant_predictor_scores_the_test_variance(tmp_path: Path) -> None:
+    """Features that ignore the treatment and covariates: the refit predicts (nearly) the mean
+    outcome, so the MSE is about the variance of f on the grid (≈ 32,600), on f's scale."""
+    d = demand_data(1000, 0, rho=0.5, cache_dir=tmp_path)
+    f = d.test.structural[:, 0]
+    assert 32_000 < f.var() < 33_300
+
+    class Constant(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(x.shape[0], 1, dtype=x.dtype)
+
+    T = IVTensors.from_data(d, torch.float64)
+    assert set(T.stage2) == {"z", "y", "x"} and set(T.test) == {"t", "f", "x"}
+    instrument = nn.Linear(3, 4).double()
+    mse = out_of_sample_mse(Constant(), instrument, T)
+    y = d.stage2.outcome[:, 0]
+    # the ridge shrinks the intercept: ŷ = mean(y)/(1 + λ) with a zero feature
+    shrunk = y.mean() / (1 + 0.1)
+    assert mse == pytest.approx(float(np.mean((f - shrunk) ** 2)), rel=1e-9)
+    assert f.var() <= mse < 1.02 * f.var()
+    # with a (constant) covariate network too: Φ(v, χ) = [v·χ, v, χ] are all zero
+    mse_cov = out_of_sample_mse(Constant(), instrument, T, covariate=Constant())
+    assert mse_cov == pytest.approx(mse, rel=1e-12)
+
+
+def test_demand_refit_recovers_an_exact_structural_model(tmp_path: Path) -> None:
+    """f(p, t, s) = α(t, s) + β(t, s)·p is linear in the outer product of [p; 1] with the
+    features (s·ψ(t), ψ(t), s) of the covariates: with those exact features, the exact
+    E[p | z] as instrument feature and a tiny ridge, the 2SLS refit predicts f on the grid with
+    an error far below var(f) (what is left is estimation noise, amplified where the grid's
+    prices lie outside the training prices), on f's own scale."""
+    d = demand_data(1000, 0, rho=0.0, cache_dir=tmp_path)
+
+    class Price(nn.Module):
+        def forward(self, p: torch.Tensor) -> torch.Tensor:
+            return p
+
+    class Cells(nn.Module):  # α and β as functions of (ψ(t), s): features s·ψ(t), ψ(t), s
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t, s = x[:, 0], x[:, 1]
+            psi = 2 * ((t - 5) ** 4 / 600 + torch.exp(-4 * (t - 5) ** 2) + t / 10 - 2)
+            return torch.stack([s * psi, psi, s], dim=1)
+
+    class Instrument(nn.Module):  # E[p | z] = 25 + (c + 3)ψ(t): an exact linear feature
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            c, t = z[:, 0], z[:, 1]
+            psi = 2 * ((t - 5) ** 4 / 600 + torch.exp(-4 * (t - 5) ** 2) + t / 10 - 2)
+            return (25 + (c + 3) * psi)[:, None]
+
+    T = IVTensors.from_data(d, torch.float64)
+    mse = out_of_sample_mse(Price(), Instrument(), T, 1e-9, 1e-9, covariate=Cells())
+    assert mse < 1e-3 * d.test.structural.var()  # var(f) ≈ 32,600

@@ -21,10 +21,10 @@ from funcbo.apps.iv import (
     make_dataset,
     paper_method,
 )
-from funcbo.apps.iv.config import IVMethodConfig, as_method_config
+from funcbo.apps.iv.config import DemandProblemConfig, IVMethodConfig, as_method_config
 from funcbo.apps.iv.data import IVTensors
 from funcbo.apps.iv.dfiv import DFIV
-from funcbo.apps.iv.networks import build_iv_networks, dsprites_treatment_net
+from funcbo.apps.iv.networks import build_iv_networks, dsprites_treatment_net, outcome_features
 from funcbo.apps.iv.ridge import ridge_fit, ridge_objective, ridge_predict
 from funcbo.experiments.methods import MethodConfig
 from funcbo.experiments.task import RunSpec
@@ -168,8 +168,31 @@ def test_networks_float64_and_head_is_last_linear() -> None:
     feats = [m for m in inner.features.modules() if isinstance(m, nn.Linear)]
     assert feats and all(parametrize.is_parametrized(m) for m in feats)
     assert not parametrize.is_parametrized(inner.head)
-    outer_d, inner_d = build_iv_networks("demand", feature_dim=4)
-    assert outer_d(torch.rand(7, 3)).shape == (7, 4) and inner_d(torch.rand(7, 3)).shape == (7, 4)
+
+
+def test_demand_networks_and_outcome_features() -> None:
+    torch.manual_seed(0)
+    outer, inner = build_iv_networks("demand", feature_dim=4, covariate_dim=3)
+    assert outer.covariate is not None and outer.outcome_dim == (1 + 1) * (3 + 1) - 1
+    assert outer(torch.rand(7, 1)).shape == (7, 1)  # the price feature a(p)
+    assert inner(torch.rand(7, 3)).shape == (7, 1)  # h(z) regresses a(p)
+    assert [m for m in inner.modules() if isinstance(m, nn.Linear)][-1] is inner.head
+    v, c = torch.randn(7, 2, dtype=D64), torch.randn(7, 3, dtype=D64)
+    feats = outcome_features(v, c)
+    # [v; 1] ⊗ [c; 1] flattened row-major, without the last (constant) entry
+    u, w = torch.cat([v, torch.ones(7, 1, dtype=D64)], 1), torch.cat([c, torch.ones(7, 1)], 1)
+    assert feats.shape == (7, 3 * 4 - 1)
+    for i in range(3):
+        for j in range(4):
+            if (i, j) != (2, 3):
+                torch.testing.assert_close(feats[:, 4 * i + j], u[:, i] * w[:, j])
+    assert outcome_features(v, None) is v
+    batch = {"x": torch.rand(7, 2)}
+    assert outer.outcome_features(torch.rand(7, 1), batch).shape == (7, 7)
+    with pytest.raises(ValueError, match="'x'"):
+        outer.outcome_features(torch.rand(7, 1), {})
+    with pytest.raises(ValueError, match="hidden width"):
+        build_iv_networks("demand", treatment_hidden=(4, 4))
 
 
 # ------------------------------------------------------------------------------- the tasks
@@ -183,8 +206,23 @@ TINY = {
 }
 
 
+TINY_DEMAND = {
+    "dataset": "demand",
+    "n": 200,
+    "treatment_hidden": [8],
+    "instrument_hidden": [16, 8],
+    "covariate_hidden": [16, 8],
+    "feature_dim": 4,
+    "covariate_dim": 3,
+    "inner_batch_size": 40,
+    "outer_batch_size": 50,
+}
+
+
 def tiny_method(kind: str) -> IVMethodConfig:
-    return paper_method(kind, inner_steps=2, adjoint_steps=2, unroll=3, truncate=2)
+    return paper_method(
+        kind, inner_steps=2, adjoint_steps=2, unroll=3, truncate=2, covariate_steps=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -193,25 +231,40 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
     return cfg, make_dataset(cfg, 0)
 
 
+@pytest.fixture(scope="module")
+def tiny_demand(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    cfg = DemandProblemConfig(cache_dir=str(tmp_path_factory.mktemp("ivcache")), **TINY_DEMAND)
+    return cfg, make_dataset(cfg, 0)
+
+
 def spec(kind: str, cfg: IVProblemConfig, dtype: str = "float32") -> RunSpec:
-    return RunSpec("iv_dsprites", kind, tiny_method(kind), cfg, seed=0, iterations=3, dtype=dtype)
+    experiment = "iv_demand" if cfg.dataset == "demand" else "iv_dsprites"
+    return RunSpec(experiment, kind, tiny_method(kind), cfg, seed=0, iterations=3, dtype=dtype)
 
 
+DATASETS = ("tiny_data", "tiny_demand")
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("kind", IV_KINDS)
-def test_every_method_runs_with_finite_metrics(kind: str, tiny_data) -> None:  # type: ignore[no-untyped-def]
-    cfg, data = tiny_data
+def test_every_method_runs_with_finite_metrics(kind: str, dataset: str, request) -> None:  # type: ignore[no-untyped-def]
+    cfg, data = request.getfixturevalue(dataset)
     task = IVTask(spec(kind, cfg), data=data)
     for _ in range(2):
         metrics = task.step()
     assert math.isfinite(metrics["outer_loss"]) and math.isfinite(metrics["grad_norm"])
     assert math.isfinite(metrics["inner_loss"])
+    if cfg.dataset == "demand":
+        assert math.isfinite(metrics["covariate_loss"])
     result = task.evaluate()
-    assert set(result) == {"test_mse"} and 0 < result["test_mse"] < 1e3
+    bound = 1e5 if cfg.dataset == "demand" else 1e3  # var(f) ≈ 32,600 vs ≈ 25
+    assert set(result) == {"test_mse"} and 0 < result["test_mse"] < bound
 
 
+@pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("kind", IV_KINDS)
-def test_task_resumes_exactly(kind: str, tiny_data) -> None:  # type: ignore[no-untyped-def]
-    cfg, data = tiny_data
+def test_task_resumes_exactly(kind: str, dataset: str, request) -> None:  # type: ignore[no-untyped-def]
+    cfg, data = request.getfixturevalue(dataset)
     full = IVTask(spec(kind, cfg), data=data)
     for _ in range(4):
         last_full = full.step()
@@ -254,17 +307,11 @@ def test_task_float64_and_learned_head(tiny_data) -> None:  # type: ignore[no-un
 
 
 def test_task_builds_from_plain_configs(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    problem = {
-        **TINY,
-        "dataset": "demand",
-        "treatment_hidden": [16, 8],
-        "instrument_hidden": [16, 8],
-        "cache_dir": str(tmp_path),
-    }
+    problem = {**TINY_DEMAND, "cache_dir": str(tmp_path)}
     run = RunSpec("iv_demand", "aid", MethodConfig(kind="aid", inner_steps=2), problem, 0, 2)
     task = IVTask(run)
     assert task.config.dataset == "demand" and len(task.data.test) == 2800
-    assert task.config.stage2_ridge == 0.01  # the demand design's default
+    assert task.config.stage1_ridge == task.config.stage2_ridge == 0.1  # DFIV's λ
     task.step()
     assert math.isfinite(task.evaluate()["test_mse"])
     with pytest.raises(ValueError, match="unknown problem field"):
@@ -370,3 +417,93 @@ def test_funcid_linear_equals_dfiv_gradient_for_a_ridge_head(tiny_data) -> None:
     got = est.hypergradient(problem, outer, T.stage1, T.stage2)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_funcid_linear_equals_dfiv_gradient_with_covariates(tiny_demand) -> None:  # type: ignore[no-untyped-def]
+    """The same agreement with observed covariates (demand design): the outcome is regressed on
+    [v; 1] ⊗ [χ(c); 1]; with χ fixed, DFIV's stage-2 gradient on the price network equals
+    FuncID's hypergradient, whose direct part g_ω is zero for the price network."""
+    _, data = tiny_demand
+    T = IVTensors.from_data(data, D64)
+    torch.manual_seed(0)
+    sizes = {"treatment_hidden": (8,), "instrument_hidden": (16, 8), "covariate_hidden": (8, 8)}
+    outer, inner = build_iv_networks("demand", feature_dim=4, covariate_dim=3, dtype=D64, **sizes)
+    outer.eval()
+    inner.eval()
+    assert outer.covariate is not None
+    lam1, lam2 = 0.1, 0.1
+    with torch.no_grad():
+        W = ridge_fit(inner.features(T.stage1["z"]), outer(T.stage1["t"]), lam1)
+        inner.head.weight.copy_(W[:-1].T)
+        inner.head.bias.copy_(W[-1])
+    frozen_opt = torch.optim.SGD(outer.covariate.parameters(), lr=0.0)
+    dfiv = DFIV(
+        outer.treatment,
+        inner.features,
+        torch.optim.SGD(outer.treatment.parameters(), lr=0.0),
+        torch.optim.SGD(inner.features.parameters(), lr=0.0),
+        lam1=lam1,
+        lam2=lam2,
+        covariate=outer.covariate,
+        covariate_optimizer=frozen_opt,
+    )
+    expected = torch.autograd.grad(
+        dfiv.stage2_loss(T.stage1, T.stage2), list(outer.treatment.parameters())
+    )
+    est = FuncID(
+        inner,
+        torch.optim.SGD(inner.parameters(), lr=0.0),
+        inner_steps=0,
+        adjoint=LinearAdjoint(2 * lam1, relative=False, head=inner.head),
+    )
+    problem = IVProblem(head="closed_form", outer_ridge=lam2)
+    got = est.hypergradient(problem, outer, T.stage1, T.stage2)
+    n_treatment = len(list(outer.treatment.parameters()))
+    for a, b in zip(got[:n_treatment], expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    # χ's part of the hypergradient is the direct derivative of the mean outer loss at h(z)
+    with torch.no_grad():
+        v = inner(T.stage2["z"])
+    direct = torch.autograd.grad(
+        problem.outer_loss(outer, v, T.stage2).mean(), list(outer.covariate.parameters())
+    )
+    for a, b in zip(got[n_treatment:], direct, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_covariate_network_training(steps: int, tiny_demand) -> None:  # type: ignore[no-untyped-def]
+    """With covariate steps χ has its own optimizer and is left out of ω's optimizer (and of the
+    hypergradient); without, χ is part of ω. Either way χ is trained."""
+    cfg, data = tiny_demand
+    mc = paper_method("funcid_linear", inner_steps=2, covariate_steps=steps)
+    task = IVTask(RunSpec("iv_demand", "f", mc, cfg, seed=0, iterations=1), data=data)
+    chi = task.outer.covariate
+    assert chi is not None and task.outer_optimizer is not None
+    in_omega = {id(p) for g in task.outer_optimizer.param_groups for p in g["params"]}
+    chi_ids = {id(p) for p in chi.parameters()}
+    assert (chi_ids <= in_omega) == (steps == 0) and not (chi_ids & in_omega and steps)
+    assert (task.covariate_optimizer is None) == (steps == 0)
+    before = [p.detach().clone() for p in chi.parameters()]
+    metrics = task.step()
+    assert ("covariate_loss" in metrics) == (steps > 0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, chi.parameters(), strict=True))
+    assert all(p.requires_grad for p in chi.parameters())  # unfrozen after the step
+
+
+def test_demand_config_file_is_valid() -> None:
+    from pathlib import Path
+
+    import funcbo.apps.iv.experiment  # noqa: F401
+    from funcbo.experiments.config import load_config, plan_runs
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "iv_demand.yaml"
+    cfg = load_config(path)
+    assert cfg.experiment == cfg.name == "iv_demand" and cfg.threads == 1
+    assert isinstance(cfg.problem, DemandProblemConfig) and cfg.problem.n == 5000
+    assert set(cfg.methods) == {"funcid_linear", "dfiv"}
+    assert cfg.grid == {"problem.rho": [0.1, 0.5, 0.9]}
+    assert len(cfg.seeds) >= 3
+    assert len(plan_runs(cfg)) == 2 * 3 * len(cfg.seeds)
+    for method in cfg.methods.values():
+        assert method.covariate_steps == 20 and method.covariate_weight_decay == 0.1

@@ -36,7 +36,11 @@ as set in the authors' code, github.com/inria-thoth/funcBO, ``applications/IVReg
 
 The authors' configs use float32 or float64 depending on the method and version; here the run's
 dtype applies to all methods.
-The hidden widths and the demand design's settings are DFIV's (Xu et al., 2021).
+The hidden widths and the demand design's settings are DFIV's (Xu et al., 2021; its code,
+github.com/liyuan9988/DeepFeatureIV, ``final_configs/dfiv_low_dim/configs.json``): λ₁ = λ₂ = 0.1
+per sample, 100 full-batch epochs of 20 instrument steps, 20 covariate steps and 1 treatment step,
+Adam (lr 1e-3) with weight decay 0 on the treatment and instrument networks and 0.1 on the
+covariate network, and no rescaling of the outcome.
 """
 
 from __future__ import annotations
@@ -86,8 +90,14 @@ class IVProblemConfig:
         head: outcome head ``"closed_form"`` (DFIV) or ``"learned"`` (part of ω); a method may
             override it.
         inner_batch_size, outer_batch_size: minibatch sizes; None: the whole half.
-        treatment_hidden, instrument_hidden: hidden widths (None: the paper's networks).
-        feature_dim: output dimension of both feature networks.
+        treatment_hidden, instrument_hidden: hidden widths (None: the paper's networks; three
+            each for dSprites, one for the demand design's price network and two for its
+            instrument network).
+        covariate_hidden: hidden widths of the demand design's covariate network (None:
+            DFIV's, (128, 32)).
+        feature_dim: output dimension of the instrument features, and of the treatment
+            features for dSprites (the demand design's price network has one output, as DFIV's).
+        covariate_dim: output dimension of the demand design's covariate network (16, DFIV's).
         spectral_norm: spectral norm on the feature Linears (None: on for dSprites only).
         standardize: standardise the networks' inputs with the stage-1 half's mean and standard
             deviation (None: on for the demand design only).
@@ -109,7 +119,9 @@ class IVProblemConfig:
     outer_batch_size: int | None = None
     treatment_hidden: list[int] | None = None
     instrument_hidden: list[int] | None = None
+    covariate_hidden: list[int] | None = None
     feature_dim: int = 32
+    covariate_dim: int = 16
     spectral_norm: bool | None = None
     standardize: bool | None = None
     cache: bool = True
@@ -133,23 +145,26 @@ class IVProblemConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"problem.{name} must be ≥ 1 or null, got {v}")
-        if self.feature_dim < 1:
-            raise ValueError(f"problem.feature_dim must be ≥ 1, got {self.feature_dim}")
+        for name in ("feature_dim", "covariate_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"problem.{name} must be ≥ 1, got {getattr(self, name)}")
 
 
 @dataclass
 class DemandProblemConfig(IVProblemConfig):
     """The ``problem:`` section of ``iv_demand``: :class:`IVProblemConfig` for the demand design.
 
-    The ridges default to 0.01 (not from a paper): the outcome's standard deviation is ≈ 180, so
-    λ = 0.1 shrinks the heads heavily; in a check on seed 1 (n = 5000, ρ = 0.5, 60 DFIV
-    iterations) the test MSE was ≈ 14,900 with λ = 0.1, 7,000 with 0.01 and 8,400 with 0.001
-    (the test variance of f is ≈ 32,600).
+    DFIV's setting for this design (its ``dfiv_low_dim`` config): λ₁ = λ₂ = 0.1 per sample
+    (its 0.1·n on sums), DFIV's networks (price, covariate and instrument networks, see
+    :mod:`funcbo.apps.iv.networks`), and the outcome on its own scale, as DFIV trains it (its
+    code rescales the demand outcome for DeepIV only). Nothing here was chosen on the test set.
+    The networks' inputs are standardised with the stage-1 half's statistics
+    (``standardize``; an invertible change of input coordinates).
     """
 
     dataset: str = "demand"
-    stage1_ridge: float = 0.01
-    stage2_ridge: float = 0.01
+    stage1_ridge: float = 0.1
+    stage2_ridge: float = 0.1
 
 
 @dataclass
@@ -164,11 +179,19 @@ class IVMethodConfig(MethodConfig):
         stage2_steps: DFIV's treatment-network steps per iteration. DFIV reads its stage-1
             (instrument network) settings from ``inner_*`` and its stage-2 (treatment network)
             settings from ``outer_*``.
+        covariate_steps, covariate_weight_decay: for designs with covariates, the covariate
+            network's steps per iteration with its own optimizer (``outer_optimizer`` with
+            learning rate ``outer_lr``) and its weight decay (DFIV's demand setting: 20 and
+            0.1); every kind takes these steps (see :mod:`funcbo.apps.iv.task`). With 0 steps
+            the library kinds train it as part of ω with the outer optimizer, and DFIV leaves
+            it at its initialisation.
     """
 
     head: str | None = None
     inner_solver: str = "gradient"
     stage2_steps: int = 1
+    covariate_steps: int = 20
+    covariate_weight_decay: float = 0.1
 
     def __post_init__(self) -> None:
         if self.kind not in IV_KINDS:
@@ -178,6 +201,15 @@ class IVMethodConfig(MethodConfig):
         if self.inner_solver not in INNER_SOLVERS:
             raise ValueError(
                 f"inner_solver must be one of {INNER_SOLVERS}, got {self.inner_solver!r}"
+            )
+        if self.stage2_steps < 1 or self.covariate_steps < 0:
+            raise ValueError(
+                f"stage2_steps must be ≥ 1 and covariate_steps ≥ 0, got {self.stage2_steps}, "
+                f"{self.covariate_steps}"
+            )
+        if self.covariate_weight_decay < 0:
+            raise ValueError(
+                f"covariate_weight_decay must be ≥ 0, got {self.covariate_weight_decay}"
             )
         if self.inner_solver == "ridge_head" and self.kind not in RIDGE_HEAD_KINDS:
             raise ValueError(

@@ -64,12 +64,14 @@ DATA_VERSION = 1
 # --------------------------------------------------------------------------- containers
 @dataclass
 class IVSplit:
-    """One half of the training data: instrument Z, treatment X, outcome Y, f(X)."""
+    """One half of the training data: instrument Z, treatment X, outcome Y, f(X, C) and, when
+    the design has them, observed covariates C (exogenous: also part of the instrument)."""
 
     instrument: np.ndarray  # [n, d_z]
     treatment: np.ndarray  # [n, d_x]
     outcome: np.ndarray  # [n, 1]
     structural: np.ndarray  # [n, 1]
+    covariate: np.ndarray | None = None  # [n, d_c]
 
     def __len__(self) -> int:
         return int(self.outcome.shape[0])
@@ -77,10 +79,12 @@ class IVSplit:
 
 @dataclass
 class IVTestSet:
-    """Test treatments and the structural function's values there."""
+    """Test treatments (and covariates, when the design has them) and the structural function's
+    values there."""
 
     treatment: np.ndarray  # [m, d_x]
     structural: np.ndarray  # [m, 1]
+    covariate: np.ndarray | None = None  # [m, d_c]
 
     def __len__(self) -> int:
         return int(self.structural.shape[0])
@@ -96,11 +100,12 @@ class IVData:
     params: dict[str, Any] = field(default_factory=dict)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat name → array mapping (for the cache)."""
+        """Flat name → array mapping (for the cache; absent covariates are left out)."""
         out: dict[str, np.ndarray] = {}
         for name, part in (("stage1", self.stage1), ("stage2", self.stage2), ("test", self.test)):
             for k, v in vars(part).items():
-                out[f"{name}_{k}"] = v
+                if v is not None:
+                    out[f"{name}_{k}"] = v
         return out
 
     @classmethod
@@ -112,10 +117,13 @@ class IVData:
                 *(
                     arrays[f"{name}_{k}"]
                     for k in ("instrument", "treatment", "outcome", "structural")
-                )
+                ),
+                covariate=arrays.get(f"{name}_covariate"),
             )
 
-        test = IVTestSet(arrays["test_treatment"], arrays["test_structural"])
+        test = IVTestSet(
+            arrays["test_treatment"], arrays["test_structural"], arrays.get("test_covariate")
+        )
         return cls(split("stage1"), split("stage2"), test, dict(params))
 
 
@@ -123,7 +131,8 @@ class IVData:
 class IVTensors:
     """An :class:`IVData` as torch tensors, in the batch format of
     :class:`~funcbo.apps.iv.problem.IVProblem`: ``stage1 = {"z", "t"}``, ``stage2 = {"z", "y"}``,
-    ``test = {"t", "f"}`` (outcomes and f as ``[n, 1]``)."""
+    ``test = {"t", "f"}`` (outcomes and f as ``[n, 1]``), each with ``"x"`` (the covariates)
+    added when the design has covariates."""
 
     stage1: dict[str, Tensor]
     stage2: dict[str, Tensor]
@@ -136,10 +145,14 @@ class IVTensors:
         def t(a: np.ndarray) -> Tensor:
             return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
 
+        def with_covariate(part: dict[str, Tensor], c: np.ndarray | None) -> dict[str, Tensor]:
+            return part if c is None else {**part, "x": t(c)}
+
+        s1, s2, test = data.stage1, data.stage2, data.test
         return cls(
-            {"z": t(data.stage1.instrument), "t": t(data.stage1.treatment)},
-            {"z": t(data.stage2.instrument), "y": t(data.stage2.outcome)},
-            {"t": t(data.test.treatment), "f": t(data.test.structural)},
+            with_covariate({"z": t(s1.instrument), "t": t(s1.treatment)}, s1.covariate),
+            with_covariate({"z": t(s2.instrument), "y": t(s2.outcome)}, s2.covariate),
+            with_covariate({"t": t(test.treatment), "f": t(test.structural)}, test.covariate),
         )
 
 
@@ -152,11 +165,17 @@ def split_indices(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_train(arrays: dict[str, np.ndarray], seed: int) -> tuple[IVSplit, IVSplit]:
-    """Split full training arrays (instrument, treatment, outcome, structural) 50/50."""
+    """Split full training arrays (instrument, treatment, outcome, structural and, if present,
+    covariate) 50/50."""
     n = arrays["outcome"].shape[0]
     i1, i2 = split_indices(n, seed)
     keys = ("instrument", "treatment", "outcome", "structural")
-    return IVSplit(*(arrays[k][i1] for k in keys)), IVSplit(*(arrays[k][i2] for k in keys))
+    cov = arrays.get("covariate")
+
+    def part(idx: np.ndarray) -> IVSplit:
+        return IVSplit(*(arrays[k][idx] for k in keys), None if cov is None else cov[idx])
+
+    return part(i1), part(i2)
 
 
 # ---------------------------------------------------------------------- structural function

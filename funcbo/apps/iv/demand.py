@@ -10,11 +10,19 @@ in order (each of size n):
 4. v = rng.normal(0, 1, n)             (price noise)
 5. e = ρ·v + rng.normal(0, √(1 − ρ²), n)   (outcome noise, correlated with v: the confounding)
 
-price p = 25 + (c + 3)·ψ(t) + v and outcome Y = f(p, t, s) + e. As in DFIV's original demand
-setup, the treatment fed to the treatment network is (p, t, s) (price with the covariates) and
-the instrument is (c, t, s). The test set is the 2800-point grid p ∈ linspace(10, 25, 20) ×
-t ∈ linspace(0, 10, 20) × s ∈ {1..7} (nested in that order), scored against f. The split into
-stage-1 and stage-2 halves is the one of :func:`funcbo.apps.iv.data.split_indices`.
+price p = 25 + (c + 3)·ψ(t) + v and outcome Y = f(p, t, s) + e. As in DFIV's paper and code
+(``generate_train_demand_design(..., old_flg=False)``), the treatment is the price p ``[n, 1]``,
+the observed covariates are (t, s) ``[n, 2]`` and the instrument is (c, t, s) ``[n, 3]`` (the
+covariates are exogenous, so they instrument themselves). The test set is the 2800-point grid
+p ∈ linspace(10, 25, 20) × t ∈ linspace(0, 10, 20) × s ∈ {1..7} (nested in that order: treatment
+p, covariates (t, s)), scored against f. The split into stage-1 and stage-2 halves is the one
+of :func:`funcbo.apps.iv.data.split_indices`.
+
+The prices seen in training depend on t: for t near 10, ψ(t) ≈ 0 and p ≈ 25 ± 1, while the test
+grid asks for p down to 10 at every t. The structural function is affine in p for fixed (t, s),
+f = a(t, s) + b(t, s)·p, which is why DFIV's networks for this design (a price network and a
+covariate network combined by an outer product, see :mod:`funcbo.apps.iv.networks`) extrapolate
+to the grid.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import numpy as np
 from funcbo.apps.iv.cache import cached_arrays
 from funcbo.apps.iv.data import IVData, IVTestSet, split_train
 
-DEMAND_VERSION = 1
+#: bump when the generation code or the array layout changes (cached datasets are regenerated)
+DEMAND_VERSION = 2
 TEST_PRICES = np.linspace(10.0, 25.0, 20)
 TEST_TIMES = np.linspace(0.0, 10.0, 20)
 TEST_TYPES = np.arange(1, 8)
@@ -49,8 +58,8 @@ def generate_demand_train(n: int, rho: float, seed: int) -> dict[str, np.ndarray
     """The n training points of the demand design (see the module docstring for the draws).
 
     Returns:
-        ``instrument`` (c, t, s) [n, 3], ``treatment`` (p, t, s) [n, 3], ``outcome`` [n, 1],
-        ``structural`` [n, 1], all float64.
+        ``instrument`` (c, t, s) [n, 3], ``treatment`` p [n, 1], ``covariate`` (t, s) [n, 2],
+        ``outcome`` [n, 1], ``structural`` [n, 1], all float64.
     """
     if n < 2:
         raise ValueError(f"the demand design needs n ≥ 2, got {n}")
@@ -66,16 +75,19 @@ def generate_demand_train(n: int, rho: float, seed: int) -> dict[str, np.ndarray
     structural = demand_f(p, t, s)
     return {
         "instrument": np.stack([c, t, s], axis=1).astype(np.float64),
-        "treatment": np.stack([p, t, s], axis=1).astype(np.float64),
+        "treatment": p[:, None],
+        "covariate": np.stack([t, s], axis=1).astype(np.float64),
         "outcome": (structural + e)[:, None],
         "structural": structural[:, None],
     }
 
 
 def generate_demand_test() -> IVTestSet:
-    """The 2800-point test grid (p, t, s) and f on it."""
+    """The 2800-point test grid: treatment p ``[2800, 1]``, covariates (t, s) ``[2800, 2]`` and
+    f on it ``[2800, 1]``."""
     grid = np.array(list(itertools.product(TEST_PRICES, TEST_TIMES, TEST_TYPES)), dtype=np.float64)
-    return IVTestSet(grid, demand_f(grid[:, 0], grid[:, 1], grid[:, 2])[:, None])
+    f = demand_f(grid[:, 0], grid[:, 1], grid[:, 2])[:, None]
+    return IVTestSet(grid[:, :1], f, grid[:, 1:])
 
 
 def demand_data(
@@ -86,7 +98,8 @@ def demand_data(
     use_cache: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> IVData:
-    """The demand-design IV dataset: stage-1/stage-2 halves of n points and the 2800-point test.
+    """The demand-design IV dataset: stage-1/stage-2 halves of n points and the 2800-point test
+    (treatment p, covariates (t, s), instrument (c, t, s); see the module docstring).
 
     Args:
         n: training points (1000, 5000 or 10000 in the benchmark), split 50/50.

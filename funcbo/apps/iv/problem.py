@@ -7,9 +7,13 @@ features. Per sample (no ½ anywhere, matching DFIV's objectives):
     inner   ℓ_in(ω, v, (x, t)) = ‖ψ_ω(t) − v‖²          ⇒ h*_ω(x) = E[ψ_ω(t) | x]   (H = 2I)
     outer   ℓ_out(ω, v, (x, y)) = (y − uᵀv − b)² + λ‖(u, b)‖²
 
-with v = h(x). The outcome head (u, b) is either
+with v = h(x). When the design has observed covariates (the demand design), the outer model also
+holds a covariate network χ_ω and the outcome is regressed on the features
+[v; 1] ⊗ [χ_ω(c); 1] (without the constant entry; :func:`~funcbo.apps.iv.networks.outcome_features`)
+instead of v: χ_ω(c) enters the outer loss directly, so g_ω ≠ 0 for χ's weights. The outcome
+head (u, b) is either
 
-* ``head="learned"``: part of ω (``outer.head``, a ``Linear(d, 1)``); or
+* ``head="learned"``: part of ω (``outer.head``, a ``Linear`` over the outcome features); or
 * ``head="closed_form"`` (DFIV's stage 2): W = (u, b) = the ridge fit of y on [v, 1] over the
   outer batch, W(V) = argmin_W (1/m)Σ_j (y_j − [v_j; 1]ᵀW)² + λ‖W‖², and
   ℓ_out,j = (y_j − [v_j; 1]ᵀW(V))² + λ‖W(V)‖².
@@ -21,12 +25,13 @@ objective at its minimiser W(V). By the envelope theorem its gradient in v_j equ
 derivative at fixed W: m·∂_{v_j} mean = ∂_v (y_j − [v; 1]ᵀW)²|_{v=v_j} = −2(y_j − ŷ_j)u. So the
 coupling through W adds nothing to first order, and differentiating through the solve (as done
 here) or not gives the same g_j and the same hypergradient (tested against finite differences).
-W depends on ω only through the predictions v = h*_ω(x), so g_ω = 0 and the whole hypergradient
-is B a*. On a minibatch W is a (biased) estimate of the population ridge head; the paper's
-protocol uses the whole stage-2 half as the outer batch.
+Without covariates W depends on ω only through the predictions v = h*_ω(x), so g_ω = 0 and the
+whole hypergradient is B a*. On a minibatch W is a (biased) estimate of the population ridge
+head; the paper's protocol uses the whole stage-2 half as the outer batch.
 
 Batches are mappings: stage-1 (inner) ``{"z": instrument, "t": treatment}``, stage-2 (outer)
-``{"z": instrument, "y": outcome [m, 1]}``; h is applied to ``batch["z"]``.
+``{"z": instrument, "y": outcome [m, 1]}`` plus ``"x"`` (covariates) when the design has them;
+h is applied to ``batch["z"]``.
 """
 
 from __future__ import annotations
@@ -70,9 +75,13 @@ class IVProblem(BilevelProblem):
         return ((outer(batch["t"]) - pred) ** 2).sum(1)
 
     def outer_loss(self, outer: nn.Module, pred: Tensor, batch: Any) -> Tensor:
-        """(y_j − uᵀv_j − b)² + λ‖(u, b)‖² per sample (u, b learned or in closed form)."""
+        """(y_j − uᵀv_j − b)² + λ‖(u, b)‖² per sample (u, b learned or in closed form; v_j the
+        outcome features of ``pred``, see the module docstring)."""
         y = batch["y"]
         lam = self.outer_ridge
+        features = getattr(outer, "outcome_features", None)
+        if features is not None:
+            pred = features(pred, batch)
         if self.head == "learned":
             u = getattr(outer, "head", None)
             if not isinstance(u, nn.Linear):
@@ -86,7 +95,8 @@ class IVProblem(BilevelProblem):
         return ((y - ridge_predict(pred, W)) ** 2).sum(1) + lam * (W**2).sum()
 
     def outcome_weights(self, pred: Tensor, y: Tensor) -> Tensor:
-        """The closed-form head W = [u; b] for predictions ``[m, d]`` and outcomes ``[m, 1]``."""
+        """The closed-form head W = [u; b] for outcome features ``[m, d]`` and outcomes
+        ``[m, 1]``."""
         return ridge_fit(pred, y, self.outer_ridge)
 
 

@@ -7,8 +7,14 @@ then
 
 * library kinds (``funcid``, ``funcid_linear``, ``aid``, ``itd``, ``gradient_penalty``,
   ``value_penalty``): ``estimator.step`` on :class:`~funcbo.apps.iv.problem.IVProblem` and one
-  step of the outer optimizer;
-* ``dfiv``: one :class:`~funcbo.apps.iv.dfiv.DFIV` iteration.
+  step of the outer optimizer; with a covariate network χ (the demand design) and
+  ``covariate_steps > 0``, χ is then trained as in DFIV: ``covariate_steps`` steps of its own
+  optimizer on the mean outer loss at the inner model's predictions h(z) on the stage-2 batch,
+  held fixed. The inner solution h*_ω regresses the treatment features only, so it does not
+  depend on χ and these are exact gradient steps on F(ω) in χ (block-coordinate, as DFIV's
+  ``update_covariate_net``); χ is then left out of the hypergradient and the outer optimizer;
+* ``dfiv``: one :class:`~funcbo.apps.iv.dfiv.DFIV` iteration (with its covariate steps when
+  the design has covariates).
 
 Networks (and a fresh network adjoint) are initialised from ``torch.manual_seed(seed)`` inside a
 forked generator, so building a task leaves the global generator untouched, and a task restored
@@ -18,6 +24,7 @@ from :meth:`IVTask.state_dict` continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -32,13 +39,14 @@ from funcbo.apps.iv.config import (
 from funcbo.apps.iv.data import IVData, IVTensors, dsprites_data
 from funcbo.apps.iv.demand import demand_data
 from funcbo.apps.iv.dfiv import DFIV
-from funcbo.apps.iv.evaluate import out_of_sample_mse
+from funcbo.apps.iv.evaluate import eval_mode, out_of_sample_mse
 from funcbo.apps.iv.inner import RidgeHeadInnerSolver
 from funcbo.apps.iv.networks import build_iv_networks
 from funcbo.apps.iv.problem import IVProblem
 from funcbo.estimator import HypergradientEstimator
 from funcbo.experiments.methods import build_estimator, make_optimizer
 from funcbo.experiments.task import RunSpec, Task
+from funcbo.inner import frozen
 
 
 def make_dataset(cfg: IVProblemConfig, seed: int) -> IVData:
@@ -83,27 +91,32 @@ class IVTask(Task):
 
         self.estimator: HypergradientEstimator | None = None
         self.dfiv: DFIV | None = None
+        self.covariate_optimizer: torch.optim.Optimizer | None = None
         standardize = pc.dataset == "demand" if pc.standardize is None else pc.standardize
-        stats: dict[str, tuple[Tensor, Tensor] | None] = {"t": None, "z": None}
+        stats: dict[str, tuple[Tensor, Tensor] | None] = {"t": None, "z": None, "x": None}
         if standardize:
             for k in stats:
-                x = self.tensors.stage1[k]
-                stats[k] = (x.mean(0), x.std(0))
+                x = self.tensors.stage1.get(k)
+                stats[k] = None if x is None else (x.mean(0), x.std(0))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             self.outer, self.inner = build_iv_networks(
                 pc.dataset,
                 treatment_hidden=pc.treatment_hidden,
                 instrument_hidden=pc.instrument_hidden,
+                covariate_hidden=pc.covariate_hidden,
                 feature_dim=pc.feature_dim,
+                covariate_dim=pc.covariate_dim,
                 spectral=pc.spectral_norm,
                 learned_head=head == "learned",
                 treatment_stats=stats["t"],
                 instrument_stats=stats["z"],
+                covariate_stats=stats["x"],
                 dtype=self.dtype,
                 device=self.device,
             )
             if mc.kind == "dfiv":
+                covariate = self.outer.covariate
                 self.dfiv = DFIV(
                     self.outer.treatment,
                     self.inner.features,
@@ -123,12 +136,33 @@ class IVTask(Task):
                     stage2_steps=mc.stage2_steps,
                     lam1=pc.stage1_ridge,
                     lam2=pc.stage2_ridge,
+                    covariate=covariate,
+                    covariate_optimizer=None
+                    if covariate is None
+                    else make_optimizer(
+                        mc.outer_optimizer,
+                        covariate.parameters(),
+                        mc.outer_lr,
+                        mc.covariate_weight_decay,
+                    ),
+                    covariate_steps=mc.covariate_steps,
                 )
                 self.outer_optimizer = None
             else:
                 self.estimator = self._build_estimator(mc)
+                covariate = self.outer.covariate
+                omega = list(self.outer.parameters())
+                if covariate is not None and mc.covariate_steps > 0:
+                    self.covariate_optimizer = make_optimizer(
+                        mc.outer_optimizer,
+                        covariate.parameters(),
+                        mc.outer_lr,
+                        mc.covariate_weight_decay,
+                    )
+                    chi = {id(p) for p in covariate.parameters()}
+                    omega = [p for p in omega if id(p) not in chi]
                 self.outer_optimizer = make_optimizer(
-                    mc.outer_optimizer, self.outer.parameters(), mc.outer_lr, mc.outer_weight_decay
+                    mc.outer_optimizer, omega, mc.outer_lr, mc.outer_weight_decay
                 )
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.iteration = 0
@@ -150,6 +184,24 @@ class IVTask(Task):
         return build_estimator(
             mc, self.inner, linear_head=self.inner.head, inner_solver=inner_solver
         )
+
+    def _covariate_update(self, batch: dict[str, Tensor]) -> float:
+        """``covariate_steps`` optimizer steps on χ: the mean outer loss at v = h(z) on the
+        stage-2 batch (fixed); returns the last loss."""
+        assert self.covariate_optimizer is not None and self.outer.covariate is not None
+        with torch.no_grad(), eval_mode(self.inner):
+            v = self.inner(batch["z"])
+        params = list(self.outer.covariate.parameters())
+        last = float("nan")
+        for _ in range(self.method.covariate_steps):
+            loss = self.problem.outer_loss(self.outer, v, batch).mean()
+            grads = torch.autograd.grad(loss, params)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            self.covariate_optimizer.step()
+            last = float(loss.detach())
+        self.covariate_optimizer.zero_grad(set_to_none=True)
+        return last
 
     # ------------------------------------------------------------------------------ batches
     def _batch(self, part: dict[str, Tensor], size: int | None) -> dict[str, Tensor]:
@@ -178,10 +230,16 @@ class IVTask(Task):
         else:
             assert self.estimator is not None and self.outer_optimizer is not None
             inner = [self.inner_batch() for _ in range(self.estimator.inner_steps)]
-            self.estimator.step(self.problem, self.outer, inner, self.outer_batch())
+            outer_batch = self.outer_batch()
+            covariate = self.outer.covariate if self.covariate_optimizer is not None else None
+            # χ has its own steps: keep it out of the hypergradient (and of the grad norm).
+            with nullcontext() if covariate is None else frozen(covariate):
+                self.estimator.step(self.problem, self.outer, inner, outer_batch)
             self.outer_optimizer.step()
             self.outer_optimizer.zero_grad(set_to_none=True)
             stats = dict(self.estimator.stats)
+            if covariate is not None:
+                stats["covariate_loss"] = self._covariate_update(outer_batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -203,6 +261,7 @@ class IVTask(Task):
             self.tensors,
             self.config.stage1_ridge,
             self.config.stage2_ridge,
+            self.outer.covariate,
         )
         return {"test_mse": mse}
 
@@ -220,6 +279,8 @@ class IVTask(Task):
             assert self.estimator is not None and self.outer_optimizer is not None
             state["outer_optimizer"] = self.outer_optimizer.state_dict()
             state["estimator"] = self.estimator.state_dict()
+            if self.covariate_optimizer is not None:
+                state["covariate_optimizer"] = self.covariate_optimizer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -234,6 +295,8 @@ class IVTask(Task):
             assert self.estimator is not None and self.outer_optimizer is not None
             self.outer_optimizer.load_state_dict(state["outer_optimizer"])
             self.estimator.load_state_dict(state["estimator"])
+            if self.covariate_optimizer is not None:
+                self.covariate_optimizer.load_state_dict(state["covariate_optimizer"])
 
 
 def make_task(spec: RunSpec) -> IVTask:
