@@ -5,9 +5,9 @@ The public namespace re-exports the library's building blocks:
 * problems: :class:`BilevelProblem` (per-sample inner/outer losses on predictions);
 * estimators of ∇F(ω): :class:`FuncID` with :class:`LinearAdjoint` or :class:`NetworkAdjoint`,
   and the baselines :class:`AID`, :class:`ITD`, :class:`GradientPenalty`, :class:`ValuePenalty`;
-* linear solvers passed as values: :class:`CG`, :class:`Neumann`;
+* linear solvers passed as values: :class:`CG`, :class:`Neumann`, :class:`Identity`;
 * the outer loop: :class:`Trainer` with :class:`ProgressBar`, :class:`JSONLLogger`,
-  :class:`Checkpoint` callbacks.
+  :class:`Checkpoint` and :class:`TensorBoardLogger` callbacks.
 """
 
 from funcbo.adjoints import Adjoint, AdjointProblem, LinearAdjoint, NetworkAdjoint
