@@ -72,11 +72,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Aggregate a sweep directory's finished runs into tables and figures."""
     from funcbo.experiments.report import make_report
 
-    rep = make_report(args.dir, args.out, args.name)
+    rep = make_report(args.dir, args.out, args.name, iteration_label=_iteration_label(args.dir))
     print(rep.markdown)
     for p in rep.figures:
         print(f"figure: {p}")
     return 0
+
+
+def _iteration_label(run_root: str | Path) -> str:
+    """The x-axis label of a sweep's curves, from its experiment (``sweep.json``)."""
+    import json
+
+    from funcbo.experiments.task import get_experiment
+
+    sweep = Path(run_root) / "sweep.json"
+    try:
+        return get_experiment(json.loads(sweep.read_text())["experiment"]).iteration_label
+    except (OSError, KeyError, ValueError):
+        return "iteration"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -96,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: {len(runs)} runs of {cfg.experiment} -> {out}", file=sys.stderr)
     opts = RunOptions.from_config(cfg)
     res = run_sweep(runs, out, workers=args.workers, options=opts, progress=not args.quiet)
-    rep = make_report(out)
+    rep = make_report(out, iteration_label=_iteration_label(out))
     print(rep.markdown)
     for p in rep.figures:
         print(f"figure: {p}")

@@ -92,6 +92,7 @@ class ExperimentSpec:
         metric_mode: ``"min"`` or ``"max"``: which direction is better.
         description: one line for ``funcbo list``.
         kinds: the method kinds ``make_task`` accepts.
+        iteration_label: what one iteration is, for the x-axis of report curves.
     """
 
     name: str
@@ -102,6 +103,7 @@ class ExperimentSpec:
     metric_mode: str = "min"
     description: str = ""
     kinds: tuple[str, ...] = LIBRARY_KINDS
+    iteration_label: str = "outer iteration"
 
 
 _REGISTRY: dict[str, ExperimentSpec] = {}

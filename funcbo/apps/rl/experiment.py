@@ -25,6 +25,7 @@ SPEC = register_experiment(
         metric="return",
         metric_mode="max",
         kinds=RL_KINDS,
+        iteration_label="environment steps",
         description=(
             "model-based RL on CartPole-v1: FuncID (learned adjoint) vs OMD, MLE, VEP, "
             "model-free soft Q"
