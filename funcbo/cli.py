@@ -1,7 +1,7 @@
 """The ``funcbo`` command: run sweeps from configs, report on them, run the demo.
 
     funcbo run CONFIG [--set key=value ...] [--methods a,b] [--seeds 0-19] [--workers N] [--out DIR]
-    funcbo report DIR [--out DIR] [--name NAME]
+    funcbo report DIR [--out DIR] [--name NAME] [--preamble FILE]
     funcbo demo [--workers N] [--out DIR]
     funcbo list
 
@@ -72,7 +72,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Aggregate a sweep directory's finished runs into tables and figures."""
     from funcbo.experiments.report import make_report
 
-    rep = make_report(args.dir, args.out, args.name, iteration_label=_iteration_label(args.dir))
+    preamble = None
+    if args.preamble:
+        try:
+            preamble = Path(args.preamble).read_text()
+        except OSError as e:
+            raise SystemExit(f"funcbo report: cannot read --preamble {args.preamble}: {e}") from e
+    rep = make_report(
+        args.dir,
+        args.out,
+        args.name,
+        iteration_label=_iteration_label(args.dir),
+        preamble=preamble,
+    )
     print(rep.markdown)
     for p in rep.figures:
         print(f"figure: {p}")
@@ -156,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("dir", help="a sweep's output directory")
     rep.add_argument("--out", help="where to write the report (default: DIR)")
     rep.add_argument("--name", help="file name stem of the report (default: the sweep's name)")
+    rep.add_argument(
+        "--preamble",
+        metavar="FILE",
+        help="markdown file placed under the report's title (a written summary of the results)",
+    )
     rep.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the README's main job: a small end-to-end comparison")

@@ -284,6 +284,20 @@ def test_max_mode_name_and_out_dir(tmp_path):
     assert rep.data["name"] == "my_runs"
 
 
+def test_preamble_sits_under_the_title_and_survives_regeneration(tmp_path):
+    root = write_sweep(tmp_path)
+    text = "## Summary\n\nFuncID wins here.\n"
+    for _ in range(2):  # regenerating gives the same file, summary included
+        rep = make_report(root, name="pre", figures=False, preamble=text)
+        md = rep.paths["markdown"].read_text()
+        assert md == rep.markdown
+        lines = md.splitlines()
+        assert lines[0].startswith("# ") and lines[2:5] == ["## Summary", "", "FuncID wins here."]
+        assert lines[6] == "The generated report follows."
+        assert lines[8].startswith("8 runs (6 finished")
+    assert "generated report follows" not in make_report(root, name="p2", figures=False).markdown
+
+
 def test_metrics_selection(tmp_path):
     root = write_sweep(tmp_path)
     rep = make_report(root, name="sel", metrics=["inner_loss"], figures=False)

@@ -182,9 +182,14 @@ def test_cli_run_then_report_on_a_tiny_sweep(tmp_path, capsys):
     path = _config(tmp_path, {**TINY, "seeds": [0, 1]})
     out = tmp_path / "sweep"
     assert main(["run", str(path), "--out", str(out), "--workers", "2", "--quiet"]) == 0
-    assert main(["report", str(out)]) == 0
+    summary = tmp_path / "summary.md"
+    summary.write_text("## Summary\n\nThe linear IV sweep.\n")
+    assert main(["report", str(out), "--preamble", str(summary)]) == 0
     printed = capsys.readouterr().out
     assert "| **lin** | 2 |" in printed and "beta_error" in printed  # the only variant: best
+    assert "The linear IV sweep." in (out / "tiny.md").read_text()
+    with pytest.raises(SystemExit, match="cannot read --preamble"):
+        main(["report", str(out), "--preamble", str(tmp_path / "missing.md")])
     for name in (
         "tiny.md",
         "tiny.json",

@@ -254,6 +254,7 @@ def _markdown(
     nonfinite: dict[str, int],
     failures: list[tuple[str, str]],
     figure_names: list[str],
+    preamble: str | None = None,
 ) -> str:
     metric, mode = data["metric"], data["metric_mode"]
     counts = {s: sum(data["runs"][v][s] for v in variants) for s in _STATUSES}
@@ -263,6 +264,7 @@ def _markdown(
     lines = [
         f"# {data['name']} (experiment `{data['experiment']}`)",
         "",
+        *([preamble.strip(), "", "The generated report follows.", ""] if preamble else []),
         f"{total} runs ({status_text}) in {len(variants)} variants. Headline metric: "
         f"`{metric}` ({better} is better; the best median is in bold).",
         "",
@@ -450,6 +452,7 @@ def make_report(
     metrics: list[str] | None = None,
     figures: bool = True,
     iteration_label: str = "iteration",
+    preamble: str | None = None,
 ) -> Report:
     """Aggregate the runs under ``run_root`` into ``<name>.md``, ``<name>.json`` and figures.
 
@@ -498,6 +501,9 @@ def make_report(
             is always included.
         figures: also draw the figures (needs matplotlib).
         iteration_label: x-axis label of the curves (e.g. ``"environment steps"``).
+        preamble: markdown placed under the report's title, followed by "The generated report
+            follows." (a written summary of the results, kept in its own file so that
+            regenerating the report keeps it).
 
     Returns:
         The :class:`Report` (markdown, data, figure paths, markdown/JSON paths).
@@ -609,7 +615,7 @@ def make_report(
         written += _save_figure(curves, out / f"{name}_curves")
         stems = [f"{name}_box", f"{name}_curves"]
 
-    markdown = _markdown(data, variants, metric_names, best, nonfinite, failures, stems)
+    markdown = _markdown(data, variants, metric_names, best, nonfinite, failures, stems, preamble)
     md_path, json_path = out / f"{name}.md", out / f"{name}.json"
     atomic_write_json(json_path, data)
     atomic_write_text(md_path, markdown)
