@@ -62,6 +62,7 @@ def main(out: str, adjoint_kind: str) -> None:
             out,
         )
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down gloo while another still uses it
         dist.destroy_process_group()
 
 
