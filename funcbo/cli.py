@@ -1,6 +1,7 @@
 """The ``funcbo`` command: run sweeps from configs, report on them, run the demo.
 
     funcbo run CONFIG [--set key=value ...] [--methods a,b] [--seeds 0-19] [--workers N] [--out DIR]
+               [--overwrite] [--restart RUN ...]
     funcbo report DIR [--out DIR] [--name NAME] [--preamble FILE]
     funcbo demo [--workers N] [--out DIR]
     funcbo list
@@ -15,7 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+from funcbo.experiments.errors import ExperimentError
 from funcbo.experiments.task import known_experiments, register_lazy
+
+
+class UsageError(ExperimentError):
+    """A command-line argument is invalid (printed as one line; exit status 2)."""
+
 
 #: experiments shipped with funcbo, imported on first use
 BUILTIN_EXPERIMENTS = {
@@ -36,25 +43,47 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def _split(text: str | None) -> list[str] | None:
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+def _split(text: str | None, what: str) -> list[str] | None:
+    """A comma-separated list (None when not given; an error when it names nothing)."""
+    if text is None:
+        return None
+    items = [s.strip() for s in text.split(",")]
+    if not any(items):
+        raise UsageError(f"{what} {text!r}: names nothing (write e.g. {what} a,b)")
+    if not all(items):
+        raise UsageError(f"{what} {text!r}: an empty name between commas")
+    return items
+
+
+def plural(n: int, word: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a config's methods × seeds (skipping finished runs, resuming interrupted ones)."""
     from funcbo.experiments.config import load_config, parse_seeds, plan_runs
-    from funcbo.experiments.runner import RunOptions, run_sweep
+    from funcbo.experiments.runner import RunOptions, prepare_run_dirs, run_sweep
 
     cfg = load_config(args.config, args.set)
-    seeds = parse_seeds(args.seeds) if args.seeds else None
-    runs = plan_runs(cfg, _split(args.methods), seeds)
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = parse_seeds(args.seeds)
+        except ValueError as e:
+            raise UsageError(f"--seeds: {e}") from e
+    runs = plan_runs(cfg, _split(args.methods, "--methods"), seeds)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     opts = RunOptions.from_config(cfg)
-    print(f"{cfg.name}: {len(runs)} runs ({cfg.experiment}) -> {out}", file=sys.stderr)
+    print(f"{cfg.name}: {plural(len(runs), 'run')} ({cfg.experiment}) -> {out}", file=sys.stderr)
     if args.dry_run:
         for r in runs:
             print(r.run_id)
         return 0
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    # Checked before any run starts: a stale or unknown run stops the command with one line.
+    prepare_run_dirs(runs, out, overwrite=args.overwrite, restart=args.restart)
     res = run_sweep(runs, out, workers=args.workers, options=opts, progress=not args.quiet)
     print(
         f"{len(res.finished)} finished, {len(res.skipped)} already done, {len(res.failed)} failed "
@@ -72,12 +101,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Aggregate a sweep directory's finished runs into tables and figures."""
     from funcbo.experiments.report import make_report
 
+    root = Path(args.dir)
+    if not root.exists():
+        raise UsageError(f"funcbo report {root}: no such directory")
+    if not root.is_dir():
+        raise UsageError(f"funcbo report {root}: not a directory (pass a sweep's --out directory)")
     preamble = None
     if args.preamble:
         try:
             preamble = Path(args.preamble).read_text()
         except OSError as e:
-            raise SystemExit(f"funcbo report: cannot read --preamble {args.preamble}: {e}") from e
+            raise UsageError(f"funcbo report: cannot read --preamble {args.preamble}: {e}") from e
     rep = make_report(
         args.dir,
         args.out,
@@ -158,8 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--methods", help="comma-separated subset of the config's methods")
     run.add_argument("--seeds", help="seeds, e.g. 0-19 or 0,3,5 (default: the config's)")
-    run.add_argument("--workers", type=int, default=1, help="runs in parallel processes")
+    run.add_argument("--workers", type=_positive_int, default=1, help="runs in parallel processes")
     run.add_argument("--out", help="output directory (default: runs/<config name>)")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace runs in --out that were made with a different config (default: stop "
+        "with an error naming the differing keys)",
+    )
+    run.add_argument(
+        "--restart",
+        action="append",
+        default=[],
+        metavar="RUN",
+        help="delete run RUN (e.g. funcid/seed_0) and start it again from scratch, e.g. after a "
+        "damaged checkpoint (repeatable)",
+    )
     run.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.set_defaults(func=cmd_run)
@@ -176,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the README's main job: a small end-to-end comparison")
-    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--workers", type=_positive_int, default=2)
     demo.add_argument("--out", help="output directory (default: runs/<demo config name>)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--quiet", action="store_true")
@@ -187,15 +235,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the funcbo command; returns the exit status."""
-    from funcbo.experiments.config import ConfigError
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the funcbo command; returns the exit status (2 for a user error, printed
+    as one line naming the cause)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ExperimentError as e:
+        from funcbo.experiments.config import ConfigError
+
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"{kind}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -61,7 +61,12 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSONL file, skipping a torn last line left by a crash."""
+    """Read a JSONL file, skipping a torn last line left by a crash.
+
+    Raises:
+        ValueError: a line before the last is not a JSON object (the message names the file
+            and the line number).
+    """
     out: list[dict[str, Any]] = []
     p = Path(path)
     if not p.exists():
@@ -71,11 +76,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
-            raise
+            raise ValueError(f"{p}, line {i + 1}: not valid JSON ({e})") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{p}, line {i + 1}: not a JSON object")
+        out.append(record)
     return out
 
 

@@ -120,6 +120,52 @@ def test_seed_specifications():
         parse_seeds("5-2")
 
 
+@pytest.mark.parametrize(
+    "spec, cause",
+    [
+        ("0-x", "'0-x' is not a seed"),
+        ("abc", "'abc' is not a seed"),
+        ("0..3", "'0..3' is not a seed"),
+        ("0 1 2", "'0 1 2' is not a seed"),
+        ("5-2", "empty seed range '5-2'"),
+        ("-1", "'-1' is not a seed"),
+        (",", "an empty part is not a seed"),
+        ("", "an empty part is not a seed"),
+        ("0,0", "seed 0 given more than once"),
+        ("0-3,2", "seed 2 given more than once"),
+        ([1, -2], "non-negative"),
+    ],
+)
+def test_bad_seed_specifications_name_the_cause(spec, cause):
+    with pytest.raises(ValueError, match=cause):
+        parse_seeds(spec)
+
+
+def test_set_on_an_undefined_method_is_an_error_with_a_suggestion(tmp_path):
+    path = _write(tmp_path, BASE)
+    with pytest.raises(ConfigError, match=r"no method 'linn' \(did you mean 'methods.lin'\?\)"):
+        load_config(path, ["methods.linn.inner_lr=1e-3"])
+    with pytest.raises(ConfigError, match="no method 'zzz'; its methods: aid, lin"):
+        load_config(path, ["methods.zzz.inner_lr=1e-3"])
+    cfg = load_config(path, ["methods.lin.inner_lr=2e-3", "methods.*.outer_lr=0.5"])
+    assert sorted(cfg.methods) == ["aid", "lin"] and cfg.methods["lin"].inner_lr == 2e-3
+    assert len(plan_runs(cfg)) == 4
+
+
+def test_duplicate_or_empty_methods_and_seeds_are_rejected(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    with pytest.raises(ConfigError, match="aid named more than once"):
+        plan_runs(cfg, ["aid", "aid"])
+    with pytest.raises(ConfigError, match="no method named"):
+        plan_runs(cfg, [])
+    with pytest.raises(ConfigError, match="seed 0 given more than once"):
+        plan_runs(cfg, seeds=[0, 0])
+    with pytest.raises(ConfigError, match="no seed given"):
+        plan_runs(cfg, seeds=[])
+    with pytest.raises(ConfigError, match="seeds: .*given more than once"):
+        load_config(_write(tmp_path, {**BASE, "seeds": [1, 1]}))
+
+
 def test_grid_expands_methods_and_validates(tmp_path):
     data = {**BASE, "grid": {"methods.*.inner_lr": [1e-3, 3e-3], "problem.width": [8, 16]}}
     cfg = load_config(_write(tmp_path, data))

@@ -198,6 +198,7 @@ def test_json_schema(report):
         "auc",
         "iterations_per_s",
         "runs",
+        "warnings",
     }
     assert (d["experiment"], d["name"], d["metric"], d["metric_mode"]) == (
         "toy",
@@ -335,3 +336,59 @@ def test_variant_without_finished_runs(tmp_path):
     assert "| itd[unroll=5] | 0 (1 failed) | — | — | — | — | — |" in rep.markdown
     assert "| **funcid** |" in rep.markdown
     assert all(p.stat().st_size > 0 for p in rep.figures)
+
+
+def test_a_damaged_metrics_line_skips_that_run_with_a_warning(tmp_path):
+    root = write_sweep(tmp_path)
+    bad = RunDir(root / "aid" / "seed_1")
+    lines = bad.metrics_path.read_text().splitlines()
+    lines[3] = lines[3][:10]  # a damaged line in the middle (not a torn last line)
+    bad.metrics_path.write_text("\n".join(lines) + "\n")
+    warned: list[str] = []
+    rep = make_report(root, name="damaged", figures=False, warn=warned.append)
+    assert len(warned) == 1 and f"{bad.metrics_path}, line 4" in warned[0]
+    assert "aid/seed_1" in warned[0] and "left out" in warned[0]
+    assert rep.data["methods"]["aid"]["test_mse"]["n"] == 2  # the other two aid seeds
+    assert rep.data["methods"]["funcid"]["test_mse"]["n"] == 3
+    assert rep.data["warnings"] == warned
+    assert "## Warnings" in rep.markdown and "line 4" in rep.markdown
+
+
+def test_a_damaged_summary_skips_that_run_with_a_warning(tmp_path, capsys):
+    root = write_sweep(tmp_path)
+    (root / "funcid" / "seed_0" / "summary.json").write_text('{"status": ')
+    rep = make_report(root, name="damaged", figures=False)
+    err = capsys.readouterr().err
+    assert "warning: run funcid/seed_0 left out" in err and "summary.json is damaged" in err
+    assert rep.data["methods"]["funcid"]["test_mse"]["n"] == 2
+
+
+def test_linear_solves_that_gave_up_are_reported(tmp_path, capsys):
+    root = write_sweep(tmp_path)
+    run = RunDir(root / "aid" / "seed_2")
+    records = run.metrics()
+    for i, rec in enumerate(records):
+        rec["solver_gave_up"] = 1.0 if i in (2, 3, 5) else 0.0
+        rec["adjoint_cg_gave_up"] = 2.0 if i == 4 else 0.0
+    run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    quiet = RunDir(root / "funcid" / "seed_1")
+    records = quiet.metrics()
+    quiet.metrics_path.write_text(
+        "".join(json.dumps({**r, "solver_gave_up": 0.0}) + "\n" for r in records)
+    )
+    rep = make_report(root, name="gave_up", figures=False)
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1, err
+    assert "aid: run aid/seed_2" in warnings[0] and "gave up 5 times" in warnings[0]
+    assert "adjoint_cg_gave_up, solver_gave_up" in warnings[0]
+    md = (root / "gave_up.md").read_text()
+    assert "## Warnings" in md and "- aid: run aid/seed_2: linear solves gave up 5 times" in md
+    assert "funcid/seed_1" not in md
+    assert rep.data["methods"]["aid"]["test_mse"]["n"] == 3  # still in the statistics
+
+
+def test_one_run_one_variant_in_the_singular(tmp_path):
+    write_run(tmp_path, "aid", 0, final={"test_mse": 1.0})
+    rep = make_report(tmp_path, name="one", figures=False)
+    assert "1 run (1 finished) in 1 variant. " in rep.markdown

@@ -24,17 +24,19 @@ import copy
 import dataclasses
 import difflib
 import itertools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+from funcbo.experiments.errors import ExperimentError
 from funcbo.experiments.methods import MethodConfig
 from funcbo.experiments.task import ExperimentSpec, RunSpec, get_experiment
 
 
-class ConfigError(ValueError):
+class ConfigError(ExperimentError):
     """A config file or override is invalid; the message names the key and the file."""
 
 
@@ -207,31 +209,52 @@ def to_plain(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- parsing
+_SEED_PART = re.compile(r"(\d+)(?:-(\d+))?")
+
+
 def parse_seeds(value: Any) -> list[int]:
-    """``3`` → [3]; ``"0-4"`` → [0..4]; ``"0,2,5"`` → [0, 2, 5]; lists pass through."""
+    """``3`` → [3]; ``"0-4"`` → [0..4]; ``"0,2,5"`` → [0, 2, 5]; lists pass through.
+
+    Seeds are non-negative integers, each at most once; a string is comma-separated parts, each
+    ``N`` or an inclusive range ``N-M`` with N ≤ M. Anything else raises ``ValueError`` saying
+    what is wrong.
+    """
     if isinstance(value, bool):
         raise ValueError(f"not a seed specification: {value!r}")
     if isinstance(value, int):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        out: list[int] = []
+        out = [value]
+    elif isinstance(value, (list, tuple)):
+        out = []
         for v in value:
             out += parse_seeds(v)
-        return out
-    if isinstance(value, str):
+    elif isinstance(value, str):
         out = []
         for part in value.split(","):
             part = part.strip()
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError(f"empty seed range {part!r}")
-                out += list(range(lo, hi + 1))
-            elif part:
-                out.append(int(part))
-        return out
-    raise ValueError(f"not a seed specification: {value!r}")
+            match = _SEED_PART.fullmatch(part)
+            if match is None:
+                why = "an empty part" if not part else f"{part!r}"
+                raise ValueError(
+                    f"{value!r}: {why} is not a seed; write non-negative integers N or ranges "
+                    "N-M separated by commas, e.g. 0-4 or 0,3,5"
+                )
+            lo = int(match.group(1))
+            hi = int(match.group(2)) if match.group(2) is not None else lo
+            if hi < lo:
+                raise ValueError(f"{value!r}: empty seed range {part!r} (write {hi}-{lo})")
+            out += list(range(lo, hi + 1))
+    else:
+        raise ValueError(f"not a seed specification: {value!r}")
+    negative = [s for s in out if s < 0]
+    if negative:
+        raise ValueError(f"seeds must be non-negative integers, got {negative[0]}")
+    repeated = sorted({s for s in out if out.count(s) > 1})
+    if repeated:
+        raise ValueError(
+            f"{value!r}: seed {', '.join(map(str, repeated))} given more than once (each run "
+            "needs its own seed)"
+        )
+    return out
 
 
 def parse_value(text: str) -> Any:
@@ -262,6 +285,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], src: str) -> dict
             raise ConfigError(f"--set {item!r}: empty key")
         value = parse_value(text)
         parts = key.split(".")
+        _check_method_exists(data, parts, key, src)
         targets = [data]
         for i, part in enumerate(parts[:-1]):
             nxt = []
@@ -278,6 +302,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], src: str) -> dict
         for t in targets:
             t[parts[-1]] = value
     return data
+
+
+def _check_method_exists(data: dict[str, Any], parts: list[str], key: str, src: str) -> None:
+    """``methods.NAME.field`` must name a method the config defines: a typo would otherwise
+    add a method of default settings to the sweep."""
+    if len(parts) < 3 or parts[0] != "methods" or parts[1] == "*":
+        return
+    methods = data.get("methods")
+    known = [str(m) for m in methods] if isinstance(methods, dict) else []
+    if parts[1] in known:
+        return
+    close = difflib.get_close_matches(parts[1], known, n=1)
+    hint = f" (did you mean 'methods.{close[0]}'?)" if close else ""
+    raise ConfigError(
+        f"{src}: --set {key}: the config defines no method {parts[1]!r}{hint}; "
+        f"its methods: {', '.join(known) or 'none'}"
+    )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -421,14 +462,31 @@ def plan_runs(
     cfg: ExperimentConfig, methods: list[str] | None = None, seeds: list[int] | None = None
 ) -> list[PlannedRun]:
     """Every run of a sweep: methods × grid points × seeds, validated."""
-    names = list(cfg.methods) if not methods else methods
+    names = list(cfg.methods) if methods is None else list(methods)
+    if not names:
+        raise ConfigError(
+            f"{cfg.source}: --methods: no method named; the config has {', '.join(cfg.methods)}"
+        )
     for m in names:
         if m not in cfg.methods:
+            close = difflib.get_close_matches(m, list(cfg.methods), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"{cfg.source}: --methods: unknown method {m!r}; the config has "
+                f"{cfg.source}: --methods: unknown method {m!r}{hint}; the config has "
                 f"{', '.join(cfg.methods)}"
             )
-    seed_list = cfg.seeds if seeds is None else seeds
+    repeated = sorted({m for m in names if names.count(m) > 1})
+    if repeated:
+        raise ConfigError(f"{cfg.source}: --methods: {', '.join(repeated)} named more than once")
+    if seeds is None:
+        seed_list = cfg.seeds
+    else:
+        try:
+            seed_list = parse_seeds(list(seeds))
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source}: --seeds: {e}") from e
+        if not seed_list:
+            raise ConfigError(f"{cfg.source}: --seeds: no seed given")
     runs = []
     for point in grid_points(cfg):
         pc = _grid_apply(cfg, point) if point else cfg

@@ -17,22 +17,12 @@ from torch import nn
 
 from funcbo.adjoints import LinearAdjoint, NetworkAdjoint
 from funcbo.estimator import HypergradientEstimator
+from funcbo.experiments.task import LIBRARY_KINDS
 from funcbo.functional import FuncID
 from funcbo.inner import InnerSolver
 from funcbo.linalg import CG, Identity, Neumann
 from funcbo.parametric import AID, ITD
 from funcbo.penalty import GradientPenalty, ValuePenalty
-
-#: kinds of method that :func:`build_estimator` builds from the library
-LIBRARY_KINDS = (
-    "funcid",
-    "funcid_linear",
-    "aid",
-    "itd",
-    "gradient_penalty",
-    "value_penalty",
-)
-
 
 @dataclass
 class MethodConfig:

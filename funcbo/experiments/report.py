@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from funcbo.experiments.errors import DamagedRunError, ExperimentError
 from funcbo.experiments.store import SUMMARY, SWEEP, RunDir, find_runs
 from funcbo.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -151,23 +154,25 @@ def _aligned(runs: list[_Run], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------- reading runs
-def _load_runs(root: Path) -> list[_Run]:
+def _load_runs(root: Path, skipped: dict[str, str]) -> list[_Run]:
+    """The runs under ``root``; a run whose summary cannot be read goes to ``skipped``."""
     run_dirs = find_runs(root)
     if not run_dirs:
-        raise ValueError(
+        raise ExperimentError(
             f"no run directories under {root} (a run directory holds {SUMMARY}; "
             "runs are written by `funcbo run CONFIG --out DIR`)"
         )
     runs = []
     for rd in run_dirs:
+        rel = rd.path.relative_to(root).as_posix() if rd.path != root else rd.path.name
         try:
             summary = rd.summary() or {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{rd.summary_path}: not valid JSON: {e}") from e
+        except DamagedRunError as e:
+            skipped[rel] = str(e)
+            continue
         status = str(summary.get("status", "running"))
         # anything neither finished nor failed has not ended (yet): count it as running
         status = status if status in _STATUSES else "running"
-        rel = rd.path.relative_to(root).as_posix() if rd.path != root else rd.path.name
         variant = str(summary.get("variant") or summary.get("method") or rel.split("/")[0])
         runs.append(_Run(run=rd, rel=rel, summary=summary, status=status, variant=variant))
     return runs
@@ -180,10 +185,10 @@ def _one_value(runs: list[_Run], key: str, what: str) -> str:
         if r.summary.get(key) is not None:
             seen.setdefault(str(r.summary[key]), []).append(r.rel)
     if not seen:
-        raise ValueError(f"no run summary names its {what} (summary key {key!r})")
+        raise ExperimentError(f"no run summary names its {what} (summary key {key!r})")
     if len(seen) > 1:
         detail = "; ".join(f"{v!r} ({len(p)} runs, e.g. {p[0]})" for v, p in sorted(seen.items()))
-        raise ValueError(f"runs of different {what}s are mixed in one report: {detail}")
+        raise ExperimentError(f"runs of different {what}s are mixed in one report: {detail}")
     return next(iter(seen))
 
 
@@ -194,7 +199,7 @@ def _sweep_info(root: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
+        raise ExperimentError(f"{path}: not valid JSON: {e}") from e
     return data if isinstance(data, dict) else {}
 
 
@@ -210,7 +215,7 @@ def _final_metric_names(
         missing = [m for m in requested if m not in available and m != metric]
         if missing and finished:
             known = ", ".join(sorted(available)) or "none"
-            raise ValueError(
+            raise ExperimentError(
                 f"metrics not in any finished run's final metrics: {missing}; known: {known}"
             )
         available = set(requested)
@@ -222,6 +227,10 @@ def _final_metric_names(
 # ---------------------------------------------------------------------------- markdown
 def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.4g}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _cell(name: str) -> str:
@@ -255,6 +264,7 @@ def _markdown(
     failures: list[tuple[str, str]],
     figure_names: list[str],
     preamble: str | None = None,
+    warnings: list[str] = (),  # type: ignore[assignment]
 ) -> str:
     metric, mode = data["metric"], data["metric_mode"]
     counts = {s: sum(data["runs"][v][s] for v in variants) for s in _STATUSES}
@@ -265,7 +275,8 @@ def _markdown(
         f"# {data['name']} (experiment `{data['experiment']}`)",
         "",
         *([preamble.strip(), "", "The generated report follows.", ""] if preamble else []),
-        f"{total} runs ({status_text}) in {len(variants)} variants. Headline metric: "
+        f"{_plural(total, 'run')} ({status_text}) in {_plural(len(variants), 'variant')}. "
+        f"Headline metric: "
         f"`{metric}` ({better} is better; the best median is in bold).",
         "",
         "Statistics over finished runs at the end of training: median [q25, q75] (linear "
@@ -312,6 +323,9 @@ def _markdown(
     if failures:
         lines += ["", "## Failed runs", ""]
         lines += [f"- {rel}: {err}" for rel, err in failures]
+    if warnings:
+        lines += ["", "## Warnings", ""]
+        lines += [f"- {w}" for w in warnings]
     return "\n".join(lines) + "\n"
 
 
@@ -443,6 +457,22 @@ def _curves_figure(
     return fig
 
 
+def _gave_up_total(records: list[dict[str, Any]]) -> tuple[float, list[str]]:
+    """Sum of every ``*_gave_up`` counter over a run's metrics lines, and the keys that were
+    nonzero."""
+    total, keys = 0.0, set()
+    for rec in records:
+        for k, v in rec.items():
+            if k.endswith("_gave_up") and _is_number(v) and v:
+                total += float(v)
+                keys.add(k)
+    return total, sorted(keys)
+
+
+def _print_warning(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------- the report
 def make_report(
     run_root: str | Path,
@@ -453,6 +483,7 @@ def make_report(
     figures: bool = True,
     iteration_label: str = "iteration",
     preamble: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Report:
     """Aggregate the runs under ``run_root`` into ``<name>.md``, ``<name>.json`` and figures.
 
@@ -486,7 +517,8 @@ def make_report(
          "methods": {variant: {metric: {"n", "median", "q25", "q75", "mean", "sd"}}},
          "wall_time_s": {variant: stats}, "auc": {variant: stats},
          "iterations_per_s": {variant: stats},
-         "runs": {variant: {"finished": int, "failed": int, "running": int}}}
+         "runs": {variant: {"finished": int, "failed": int, "running": int}},
+         "warnings": [str]}
 
     Statistics of an empty sample are ``{"n": 0, ...: null}``; non-finite values (a diverged
     run) are left out of the statistics and counted beside ``n`` in the markdown table.
@@ -504,6 +536,12 @@ def make_report(
         preamble: markdown placed under the report's title, followed by "The generated report
             follows." (a written summary of the results, kept in its own file so that
             regenerating the report keeps it).
+        warn: called with each warning (default: printed to stderr). Warnings are also listed
+            under "Warnings" in the markdown and in ``report.json["warnings"]``: a run whose
+            ``summary.json`` or ``metrics.jsonl`` cannot be read (named with the file and line)
+            is left out of the report, and a finished run whose metrics log a nonzero counter
+            ending in ``_gave_up`` (linear solves that diverged or made no progress) is named
+            with the count summed over its logged iterations.
 
     Returns:
         The :class:`Report` (markdown, data, figure paths, markdown/JSON paths).
@@ -515,23 +553,26 @@ def make_report(
     """
     root = Path(run_root)
     if not root.is_dir():
-        raise ValueError(f"not a directory: {root} (runs are written by `funcbo run`)")
-    runs = _load_runs(root)
+        raise ExperimentError(f"not a directory: {root} (runs are written by `funcbo run`)")
+    skipped: dict[str, str] = {}
+    runs = _load_runs(root, skipped)
+    if not runs:
+        raise ExperimentError(f"no readable run under {root}: {next(iter(skipped.values()))}")
     sweep = _sweep_info(root)
     experiment = _one_value(runs, "experiment", "experiment")
     if sweep.get("experiment") not in (None, experiment):
-        raise ValueError(
+        raise ExperimentError(
             f"runs of different experiments are mixed in one report: {SWEEP} names "
             f"{sweep['experiment']!r}, the runs {experiment!r}"
         )
     metric = _one_value(runs, "metric", "headline metric")
     mode = _one_value(runs, "metric_mode", "metric mode")
     if mode not in ("min", "max"):
-        raise ValueError(f"metric_mode must be 'min' or 'max', got {mode!r}")
+        raise ExperimentError(f"metric_mode must be 'min' or 'max', got {mode!r}")
 
     name = name or str(sweep.get("name") or root.resolve().name)
     if "/" in name or "\\" in name or name in (".", "..") or f"{name}.json" in (SUMMARY, SWEEP):
-        raise ValueError(
+        raise ExperimentError(
             f"invalid report name {name!r} (a file stem other than "
             f"{Path(SUMMARY).stem!r} and {Path(SWEEP).stem!r})"
         )
@@ -551,12 +592,33 @@ def make_report(
         elif r.status == "failed":
             err = str(r.summary.get("error") or "").strip().splitlines()
             failures.append((r.rel, (err[-1] if err else "no error message")[:200]))
+    gave_up: list[tuple[str, str, float, list[str]]] = []
     for v in variants:
         finished[v].sort(key=lambda r: (str(r.summary.get("seed")), r.rel))
+        readable = []
         for r in finished[v]:
+            try:
+                records = r.run.metrics()
+            except ValueError as e:  # a damaged line (not a torn last one): leave the run out
+                skipped[r.rel] = str(e)
+                counts[v]["finished"] -= 1
+                continue
             # keep only what the report reads: long runs log many lines with many keys
             keep = ("iteration", metric, *LOSSES)
-            r.records = [{k: rec[k] for k in keep if k in rec} for rec in r.run.metrics()]
+            r.records = [{k: rec[k] for k in keep if k in rec} for rec in records]
+            total, keys = _gave_up_total(records)
+            if total:
+                gave_up.append((v, r.rel, total, keys))
+            readable.append(r)
+        finished[v] = readable
+    warnings = [f"run {rel} left out of the report: {why}" for rel, why in sorted(skipped.items())]
+    warnings += [
+        f"{v}: run {rel}: linear solves gave up {total:g} times ({', '.join(keys)} summed over "
+        "the logged iterations); the hypergradients of those iterations lack their implicit term"
+        for v, rel, total, keys in gave_up
+    ]
+    for w in warnings:
+        (warn or _print_warning)(w)
     all_finished = [r for v in variants for r in finished[v]]
     metric_names = _final_metric_names(all_finished, metric, metrics)
 
@@ -595,6 +657,7 @@ def make_report(
         "auc": auc,
         "iterations_per_s": ips,
         "runs": counts,
+        "warnings": warnings,
     }
 
     medians = {v: methods[v][metric]["median"] for v in variants if methods[v][metric]["n"]}
@@ -615,7 +678,9 @@ def make_report(
         written += _save_figure(curves, out / f"{name}_curves")
         stems = [f"{name}_box", f"{name}_curves"]
 
-    markdown = _markdown(data, variants, metric_names, best, nonfinite, failures, stems, preamble)
+    markdown = _markdown(
+        data, variants, metric_names, best, nonfinite, failures, stems, preamble, warnings
+    )
     md_path, json_path = out / f"{name}.md", out / f"{name}.json"
     atomic_write_json(json_path, data)
     atomic_write_text(md_path, markdown)

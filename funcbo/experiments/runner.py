@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from funcbo.experiments.config import ExperimentConfig, PlannedRun, dump_yaml, to_plain
+from funcbo.experiments.errors import DamagedRunError, ExperimentError, StaleRunError
 from funcbo.experiments.store import SWEEP, RunDir
 from funcbo.experiments.task import experiment_module, get_experiment
 from funcbo.io import atomic_write_json
@@ -145,8 +146,23 @@ def execute_run(
     failure is recorded in the run directory."""
     opts = options or RunOptions()
     rd = RunDir(Path(out) / run.run_id)
-    done = rd.summary()
+    try:
+        done = rd.summary()
+    except DamagedRunError as e:
+        # A failed summary replaces the damaged one: the next attempt resumes from the checkpoint.
+        err = DamagedRunError(
+            f"{e}; it is replaced by a 'failed' summary: run the same command again to resume "
+            f"this run from its checkpoint, or pass --restart {run.run_id} to start it afresh"
+        )
+        _record_failure(rd, run, err)
+        raise err from e
     if done is not None and done.get("status") == "finished":
+        differing = config_differences(run, rd)
+        if differing:
+            raise StaleRunError(
+                f"{rd.path} was made with a different config (differing keys: "
+                f"{', '.join(differing)}); pass --overwrite to replace it"
+            )
         done["skipped"] = True
         return done
     if opts.threads:
@@ -159,7 +175,10 @@ def execute_run(
     try:
         _seed_everything(run.seed)
         task = exp.make_task(run.spec)
-        ckpt = rd.load_checkpoint() if rd.path.exists() else None
+        try:
+            ckpt = rd.load_checkpoint() if rd.path.exists() else None
+        except DamagedRunError as e:
+            raise _restart_hint(e, run) from e
         if ckpt is not None:
             task.load_state_dict(ckpt["task"])
             _set_rng_state(ckpt["rng"])
@@ -229,24 +248,145 @@ def execute_run(
         rd.write_summary(summary)
         return summary
     except BaseException as e:
-        tb_text = traceback.format_exc()
-        rd.path.mkdir(parents=True, exist_ok=True)
-        rd.write_error(tb_text)
-        prev = rd.summary() or {}
-        rd.write_summary(
-            {
-                **base,
-                "status": "failed",
-                "iteration": prev.get("iteration", 0),
-                "wall_time_s": prev.get("wall_time_s", 0.0),
-                "final": {},
-                "error": f"{type(e).__name__}: {e}",
-            }
-        )
+        _record_failure(rd, run, e, traceback.format_exc())
         raise
     finally:
         if tb is not None:
             tb.close()
+
+
+def _restart_hint(e: DamagedRunError, run: PlannedRun) -> DamagedRunError:
+    return DamagedRunError(f"{e}; start this run again from scratch with --restart {run.run_id}")
+
+
+def _safe_summary(rd: RunDir) -> dict[str, Any]:
+    try:
+        return rd.summary() or {}
+    except DamagedRunError:
+        return {}
+
+
+def _record_failure(
+    rd: RunDir, run: PlannedRun, e: BaseException, tb_text: str | None = None
+) -> None:
+    """Write ``error.txt`` and a failed summary (keeping the progress the run had made)."""
+    rd.path.mkdir(parents=True, exist_ok=True)
+    rd.write_error(tb_text or f"{type(e).__name__}: {e}\n")
+    prev = _safe_summary(rd)
+    rd.write_summary(
+        {
+            **_summary_base(run),
+            "status": "failed",
+            "iteration": prev.get("iteration", 0),
+            "wall_time_s": prev.get("wall_time_s", 0.0),
+            "final": {},
+            "error": f"{type(e).__name__}: {e}",
+        }
+    )
+
+
+#: config keys that say how a run is executed, not what it computes (ignored when comparing)
+EXECUTION_KEYS = frozenset({"name", "threads", "tensorboard", "checkpoint_every"})
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(run: PlannedRun, rd: RunDir) -> list[str]:
+    """Dotted keys on which a run directory's ``config.yaml`` differs from ``run``'s config
+    (empty when they agree or the directory holds no config yet). Keys that only say how a run
+    is executed (:data:`EXECUTION_KEYS`) are ignored."""
+    import yaml
+
+    if not rd.config_path.exists():
+        return []
+    want = _flatten(yaml.safe_load(run_config_text(run)))
+    try:
+        have = _flatten(yaml.safe_load(rd.config_path.read_text()))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return [f"(unreadable {rd.config_path.name})"]
+    keys = sorted(
+        set(want) | set(have), key=lambda k: (list(want).index(k) if k in want else 1e9, k)
+    )
+    return [
+        k
+        for k in keys
+        if k.split(".")[0] not in EXECUTION_KEYS and want.get(k, _MISSING) != have.get(k, _MISSING)
+    ]
+
+
+_MISSING = object()
+
+
+def _short(v: Any) -> str:
+    text = "(absent)" if v is _MISSING else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def prepare_run_dirs(
+    runs: list[PlannedRun],
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    restart: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """Check the planned runs against what ``out`` already holds, before anything runs.
+
+    Runs named in ``restart`` (run ids such as ``funcid/seed_0``) are deleted, to start again
+    from scratch (a damaged checkpoint, say). A run directory whose ``config.yaml`` differs from
+    its planned run's config (see :func:`config_differences`) is deleted when ``overwrite`` is
+    True; otherwise :class:`StaleRunError` names the differing keys and nothing is touched.
+
+    Returns:
+        The run ids that were deleted.
+
+    Raises:
+        ExperimentError: a ``restart`` id is not a planned run.
+        StaleRunError: runs made with another config, without ``overwrite``.
+    """
+    out = Path(out)
+    by_id = {r.run_id: r for r in runs}
+    unknown = [r for r in restart if r.strip("/") not in by_id]
+    if unknown:
+        known = ", ".join(list(by_id)[:6]) + (", ..." if len(by_id) > 6 else "")
+        raise ExperimentError(
+            f"--restart {unknown[0]}: not a run of this sweep (its runs: {known})"
+        )
+    stale: dict[str, list[str]] = {}
+    for run in runs:
+        if run.run_id in {r.strip("/") for r in restart}:
+            continue
+        differing = config_differences(run, RunDir(out / run.run_id))
+        if differing:
+            stale[run.run_id] = differing
+    if stale and not overwrite:
+        first, keys = next(iter(stale.items()))
+        import yaml
+
+        rd = RunDir(out / first)
+        have = _flatten(yaml.safe_load(rd.config_path.read_text()) or {})
+        want = _flatten(yaml.safe_load(run_config_text(by_id[first])))
+        example = ", ".join(
+            f"{k}: {_short(have.get(k, _MISSING))} there, {_short(want.get(k, _MISSING))} now"
+            for k in keys[:3]
+        )
+        all_keys = sorted({k for ks in stale.values() for k in ks})
+        n = len(stale)
+        raise StaleRunError(
+            f"{out}: {n} existing run{'s' if n != 1 else ''} made with a different config "
+            f"(differing keys: {', '.join(all_keys)}; e.g. {first}: {example}); "
+            "pass --overwrite to replace them, or choose another --out"
+        )
+    cleared = [r for r in by_id if r in {x.strip("/") for x in restart}] + list(stale)
+    for run_id in cleared:
+        RunDir(out / run_id).clear()
+    return cleared
 
 
 # --------------------------------------------------------------------------------- sweeps
@@ -379,9 +519,16 @@ def run_sweep(
     workers: int = 1,
     options: RunOptions | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    restart: list[str] | tuple[str, ...] = (),
 ) -> SweepResult:
-    """Execute runs (skipping finished ones), ``workers`` processes at a time."""
+    """Execute runs (skipping finished ones), ``workers`` processes at a time.
+
+    Finished runs are reused only when their stored config equals the requested one: see
+    :func:`prepare_run_dirs` for ``overwrite`` and ``restart``.
+    """
     out = Path(out)
+    prepare_run_dirs(runs, out, overwrite=overwrite, restart=restart)
     out.mkdir(parents=True, exist_ok=True)
     if options is not None:
         opts = options
@@ -470,7 +617,7 @@ def _run_parallel(
             if run_id not in reported:
                 reason = f"worker process exited with code {p.exitcode}"
                 rd = RunDir(out / run_id)
-                prev = rd.summary() or {}
+                prev = _safe_summary(rd)
                 rd.path.mkdir(parents=True, exist_ok=True)
                 rd.write_error(reason + "\n")
                 rd.write_summary(
@@ -486,4 +633,13 @@ def _run_parallel(
                 bar.finish(run_id, f"failed: {reason}")
 
 
-__all__ = ["RunOptions", "SweepResult", "default_threads", "execute_run", "run_sweep"]
+__all__ = [
+    "EXECUTION_KEYS",
+    "RunOptions",
+    "SweepResult",
+    "config_differences",
+    "default_threads",
+    "execute_run",
+    "prepare_run_dirs",
+    "run_sweep",
+]

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from funcbo.experiments.errors import DamagedRunError
 from funcbo.io import (
     append_jsonl,
     atomic_torch_save,
@@ -75,10 +76,22 @@ class RunDir:
         return self.path / ERROR
 
     def summary(self) -> dict[str, Any] | None:
-        """The run's summary, or None if it has none yet."""
+        """The run's summary, or None if it has none yet.
+
+        Raises:
+            DamagedRunError: ``summary.json`` exists but is not a JSON object.
+        """
         if not self.summary_path.exists():
             return None
-        return json.loads(self.summary_path.read_text())
+        try:
+            data = json.loads(self.summary_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DamagedRunError(f"{self.summary_path} is damaged (not valid JSON: {e})") from e
+        if not isinstance(data, dict):
+            raise DamagedRunError(
+                f"{self.summary_path} is damaged (a {type(data).__name__}, not a JSON object)"
+            )
+        return data
 
     def is_finished(self) -> bool:
         s = self.summary()
@@ -108,10 +121,26 @@ class RunDir:
         atomic_torch_save(state, self.checkpoint_path)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        """The last checkpoint (loaded with ``weights_only=True``), or None."""
+        """The last checkpoint (loaded with ``weights_only=True``), or None.
+
+        Raises:
+            DamagedRunError: the checkpoint exists but cannot be loaded (truncated, corrupted,
+                or holding objects other than tensors and plain data).
+        """
         if not self.checkpoint_path.exists():
             return None
-        return torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
+        try:
+            state = torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
+        except Exception as e:
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DamagedRunError(
+                f"{self.checkpoint_path} is damaged ({type(e).__name__}: {cause[:200]})"
+            ) from e
+        if not isinstance(state, dict):
+            raise DamagedRunError(
+                f"{self.checkpoint_path} is damaged (a {type(state).__name__}, not a dict)"
+            )
+        return state
 
     def write_error(self, text: str) -> None:
         atomic_write_text(self.error_path, text)

@@ -12,11 +12,22 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch and the estimators load when a run is built, not when the CLI starts
+    import torch
 
-from funcbo.experiments.methods import LIBRARY_KINDS, MethodConfig
+    from funcbo.experiments.methods import MethodConfig
+
+#: kinds of method that :func:`funcbo.experiments.methods.build_estimator` builds from the library
+LIBRARY_KINDS = (
+    "funcid",
+    "funcid_linear",
+    "aid",
+    "itd",
+    "gradient_penalty",
+    "value_penalty",
+)
 
 
 class Task(ABC):
@@ -76,6 +87,8 @@ class RunSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
 
 
