@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("gymnasium")
 
-from funcbo.apps.rl.config import RL_KINDS, RLMethodConfig, RLProblemConfig
+from funcbo.apps.rl.config import BILEVEL_KINDS, RL_KINDS, RLMethodConfig, RLProblemConfig
 from funcbo.apps.rl.experiment import SPEC
 from funcbo.apps.rl.task import RLTask
 from funcbo.experiments.task import RunSpec, get_experiment
@@ -46,7 +46,7 @@ def test_short_run_of_every_method_gives_finite_metrics(kind):
         metrics = task.step()
     assert metrics["env_steps"] == 300
     assert "q_loss" in metrics
-    if kind in ("funcid", "funcid_identity", "omd", "omd_cg"):
+    if kind in BILEVEL_KINDS:
         assert {"outer_loss", "grad_norm"} <= set(metrics)
     if kind in ("mle", "vep"):
         assert "model_loss" in metrics
@@ -55,14 +55,20 @@ def test_short_run_of_every_method_gives_finite_metrics(kind):
     assert set(ev) == {"return", "return_std"} and 1.0 <= ev["return"] <= 500.0
 
 
-def test_model_learns_from_the_hypergradient():
-    task = RLTask(spec("funcid", iterations=120))
+@pytest.mark.parametrize("kind", ["funcid_solution", "funcid_network", "funcid_reference"])
+def test_model_learns_from_the_hypergradient(kind):
+    task = RLTask(spec(kind, iterations=120))
     model = task.agent.model
-    before = [p.detach().clone() for p in model.parameters()]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(task.iterations):
         task.step()
-    moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)]
-    assert all(moved), "every parameter of both model heads should be updated"
+    moved = {n: not torch.equal(before[n], p) for n, p in model.named_parameters()}
+    if kind == "funcid_reference":
+        # the authors' backward pass: only the reward head gets a hypergradient
+        assert all(v for n, v in moved.items() if n.startswith("reward"))
+        assert not any(v for n, v in moved.items() if n.startswith("next_state"))
+    else:
+        assert all(moved.values()), "every parameter of both model heads should be updated"
 
 
 def test_evaluation_does_not_perturb_training():
@@ -77,7 +83,9 @@ def test_evaluation_does_not_perturb_training():
     assert a.evaluate() == b.evaluate()
 
 
-@pytest.mark.parametrize("kind", ["funcid", "omd_cg", "vep", "model_free"])
+@pytest.mark.parametrize(
+    "kind", ["funcid_network", "funcid_solution", "omd_cg", "vep", "model_free"]
+)
 def test_task_state_roundtrip_continues_exactly(kind):
     k, m = 70, 40  # save after the random phase (50 steps), mid-episode
     ref = RLTask(spec(kind, seed=3))
@@ -120,7 +128,7 @@ def test_config_errors_name_the_problem():
 
 
 def test_float64_runs():
-    s = spec("funcid", iterations=80)
+    s = spec("funcid_network", iterations=80)
     s.dtype = "float64"
     task = RLTask(s)
     for _ in range(task.iterations):

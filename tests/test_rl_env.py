@@ -166,3 +166,18 @@ def test_agent_stores_terminations_without_bootstrap():
     # a random policy never reaches the 500-step limit: every episode ends by termination
     assert agent.episodes > 0
     assert int((agent.replay.not_done[:n] == 0).sum()) == agent.episodes
+
+
+@pytest.mark.parametrize("stored", [300, 5000])
+def test_replay_batches_are_distinct_transitions(stored):
+    buf = ReplayBuffer(4, capacity=10_000, seed=0)
+    buf.obs[:stored, 0] = torch.arange(stored, dtype=torch.float32)  # a transition's id
+    buf.size = stored
+    seen = torch.zeros(stored)
+    for _ in range(20):
+        ids = buf.sample(256)["obs"][:, 0].long()
+        assert ids.unique().numel() == 256  # without replacement, as OMD's buffer
+        seen[ids] += 1
+    # every stored transition is equally likely: inclusion counts have mean 20·256/stored
+    assert float(seen.mean()) == pytest.approx(20 * 256 / stored)
+    assert int((seen > 0).sum()) > 0.6 * stored * (1 - (1 - 256 / stored) ** 20)

@@ -14,6 +14,8 @@ from torch import nn
 
 from funcbo import AID, CG, FuncID, Identity, LinearAdjoint, NetworkAdjoint
 from funcbo.apps.rl.adjoint import PointwiseAdjoint
+from funcbo.apps.rl.config import RLMethodConfig
+from funcbo.apps.rl.methods import build_bilevel
 from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, QOfAction
 from funcbo.apps.rl.problem import SoftBellmanProblem, soft_value, with_target
 from funcbo.errors import ShapeError
@@ -212,3 +214,63 @@ def test_pointwise_adjoint_needs_the_same_points():
     short = {k: (v[:3] if torch.is_tensor(v) else v) for k, v in batch.items()}
     with pytest.raises(ShapeError, match="same points"):
         est.hypergradient(problem, model, batch, short)
+
+
+def build_variant(kind: str, problem, model, tq, q_inner=None):
+    """The hypergradient estimator and problem of a FuncID variant, on the test's networks."""
+    if q_inner is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(2)
+            q_inner = QOfAction(DoubleQ(4, 2, hidden=8)).to(DT)
+    _, est, hp = build_bilevel(RLMethodConfig(kind=kind), problem, q_inner, model, tq, N)
+    return est, hp
+
+
+@pytest.mark.parametrize("target", ["min", "per_head"])
+def test_solution_variant_is_the_exact_hypergradient(target):
+    """funcid_solution evaluates the adjoint at h* = ŷ: ∇F(ω) exactly, whatever the Q-network."""
+    problem, model, tq, batch = make_case(target)
+    fd = finite_differences(problem, model, batch)
+    plain = SoftBellmanProblem(problem.gamma, problem.alpha, target)
+    raw = {k: v for k, v in batch.items() if k not in ("idx", "target_q")}
+    # a table-valued Q placed at h* (the exact inner solution), and an arbitrary Q-network
+    tab = tabular_at_solution(problem, model, batch)
+    q_tab = FuncID(tab, torch.optim.SGD(tab.parameters(), lr=0.0), 1, PointwiseAdjoint())
+    hg_tab = q_tab.hypergradient(problem, model, batch, batch)
+    est, hp = build_variant("funcid_solution", plain, model, tq)
+    hb = with_target(raw, tq, hp, model)
+    hg = est.hypergradient(hp, model, hb, hb)
+    assert rel_err(hg, fd) < 1e-6, rel_err(hg, fd)
+    assert rel_err(hg, hg_tab) < 1e-10
+    hg_ns, _ = split_heads(model, hg)
+    assert sum(float(g.abs().sum()) for g in hg_ns) > 1e-3
+
+
+def test_reference_variant_gives_no_gradient_to_the_next_state_head():
+    """funcid_reference (the authors' backward pass): V̄ at the real s′, reward head only."""
+    problem, model, tq, batch = make_case()
+    plain = SoftBellmanProblem(problem.gamma, problem.alpha)
+    raw = {k: v for k, v in batch.items() if k not in ("idx", "target_q")}
+    est, hp = build_variant("funcid_reference", plain, model, tq)
+    assert hp.next_value == "real"
+    hb = with_target(raw, tq, hp, model)
+    hg = est.hypergradient(hp, model, hb, hb)
+    hg_ns, hg_r = split_heads(model, hg)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in hg_ns)
+    assert sum(float(g.abs().sum()) for g in hg_r) > 1e-3
+    # the reward head's gradient is the both-heads variant's reward-head gradient
+    est_both, hp_both = build_variant("funcid_identity", plain, model, tq)
+    hb_both = with_target(raw, tq, hp_both, model)
+    _, hg_r_both = split_heads(model, est_both.hypergradient(hp_both, model, hb_both, hb_both))
+    assert rel_err(hg_r, hg_r_both) < 1e-12
+
+
+def test_cache_of_one_next_value_is_not_used_by_the_other():
+    problem, model, tq, batch = make_case()
+    raw = {k: v for k, v in batch.items() if k not in ("idx", "target_q")}
+    cached = with_target(raw, tq, problem, model)
+    real = problem.with_next_value("real")
+    _, r = model(batch["obs"], batch["action"])
+    expected = real.bellman_target(tq, r, batch["next_obs"], batch["not_done"])
+    assert torch.allclose(real.model_target(model, cached), expected)
+    assert not torch.allclose(problem.model_target(model, cached), expected)

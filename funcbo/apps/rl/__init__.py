@@ -7,9 +7,10 @@ NeurIPS 2024). gymnasium is imported only when an environment is made.
 
 Modules: ``env`` (CartPole wrapper with termination/truncation and saveable state), ``replay``,
 ``networks``, ``problem`` (the :class:`~funcbo.BilevelProblem`), ``adjoint`` (the identity
-output-Hessian shortcut), ``methods`` (update rules), ``agent`` (the loop), ``config``,
-``task`` and ``experiment`` (registers ``rl_cartpole``), ``speed`` (environment steps per second
-of every method: ``python -m funcbo.apps.rl.speed``).
+output-Hessian shortcut), ``solution`` (the inner solution h* = ŷ, at which FuncID's adjoint is
+evaluated by ``funcid_solution`` and ``funcid_network``), ``methods`` (update rules), ``agent``
+(the loop), ``config``, ``task`` and ``experiment`` (registers ``rl_cartpole``), ``speed``
+(environment steps per second of every method: ``python -m funcbo.apps.rl.speed``).
 """
 
 from funcbo.apps.rl.adjoint import PointwiseAdjoint
@@ -17,9 +18,11 @@ from funcbo.apps.rl.config import RL_KINDS, RLMethodConfig, RLProblemConfig
 from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, QOfAction, ValueEnsemble
 from funcbo.apps.rl.problem import SoftBellmanProblem, soft_value, with_target
 from funcbo.apps.rl.replay import ReplayBuffer
+from funcbo.apps.rl.solution import BellmanSolution, SolutionProblem
 
 __all__ = [
     "RL_KINDS",
+    "BellmanSolution",
     "DoubleQ",
     "DynamicsModel",
     "PointwiseAdjoint",
@@ -28,6 +31,7 @@ __all__ = [
     "RLProblemConfig",
     "ReplayBuffer",
     "SoftBellmanProblem",
+    "SolutionProblem",
     "ValueEnsemble",
     "soft_value",
     "with_target",

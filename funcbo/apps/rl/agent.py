@@ -27,7 +27,7 @@ from funcbo.apps.rl.methods import (
     ModelFittingUpdater,
     ModelFreeUpdater,
     Updater,
-    build_estimator,
+    build_bilevel,
 )
 from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, QOfAction, ValueEnsemble
 from funcbo.apps.rl.problem import SoftBellmanProblem
@@ -95,6 +95,7 @@ class Agent:
         self.episode_return = 0.0
         self.last_episode_return = 0.0
         self.obs = self.env.reset()
+        self.next_action = self.act(self.obs)
         self._times: deque[float] = deque(maxlen=RATE_WINDOW)
 
     # ----------------------------------------------------------------------------- building
@@ -102,12 +103,14 @@ class Agent:
         m, c = self.method, self.cfg
         if m.kind in BILEVEL_KINDS:
             assert self.model is not None
-            est = build_estimator(m, self.q_inner, c.batch_size)
+            inner, est, hp = build_bilevel(
+                m, self.problem, self.q_inner, self.model, self.target_q, c.batch_size
+            )
             opt = make_optimizer(
                 m.outer_optimizer, self.model.parameters(), m.outer_lr, m.outer_weight_decay
             )
             return BilevelUpdater(
-                est, self.problem, self.model, opt, self.q, self.target_q, c.tau,
+                inner, est, self.problem, hp, self.model, opt, self.q, self.target_q, c.tau,
                 warm_opt=m.warm_opt,
             )  # fmt: skip
         q_opt = make_optimizer(
@@ -152,9 +155,13 @@ class Agent:
         return self.replay.sample(self.cfg.batch_size, self.dtype)
 
     def step(self) -> dict[str, float]:
-        """One environment step and, after the random phase, one update; returns metrics."""
+        """One environment step and, after the random phase, one update; returns metrics.
+
+        The next action is chosen before the update, from the networks that acted so far (as
+        OMD's training loop does): the update of step t shapes the behaviour from step t + 2.
+        """
         t0 = time.perf_counter()
-        action = self.act(self.obs)
+        action = self.next_action
         out = self.env.step(action)
         self.replay.add(self.obs, action, out.reward, out.obs, out.terminated)
         self.env_steps += 1
@@ -167,6 +174,7 @@ class Agent:
             self.obs = self.env.reset()
         else:
             self.obs = out.obs
+        self.next_action = self.act(self.obs)
         if self.env_steps >= self.cfg.init_steps:
             metrics.update(self.updater.update(self.sample))
             self.updates += 1
@@ -230,6 +238,7 @@ class Agent:
             "episode_return": self.episode_return,
             "last_episode_return": self.last_episode_return,
             "obs": torch.from_numpy(np.asarray(self.obs, dtype=np.float32).copy()),
+            "next_action": self.next_action,
             "env": self.env.state_dict(),
             "replay": self.replay.state_dict(),
             "generator": self.generator.get_state(),
@@ -261,6 +270,7 @@ class Agent:
         self.episode_return = float(state["episode_return"])
         self.last_episode_return = float(state["last_episode_return"])
         self.obs = state["obs"].numpy().astype(np.float32)
+        self.next_action = int(state["next_action"])
 
 
 def train(

@@ -7,10 +7,14 @@ from typing import Literal
 
 from funcbo.experiments.methods import MethodConfig
 
+#: FuncID variants (see ``RLMethodConfig.kind``)
+FUNCID_KINDS = ("funcid_reference", "funcid_solution", "funcid_network", "funcid_identity")
 #: method kinds of this application
-RL_KINDS = ("funcid", "funcid_identity", "omd", "omd_cg", "mle", "vep", "model_free")
+RL_KINDS = (*FUNCID_KINDS, "omd", "omd_cg", "mle", "vep", "model_free")
 #: kinds whose model gradient comes from a library hypergradient estimator
-BILEVEL_KINDS = ("funcid", "funcid_identity", "omd", "omd_cg")
+BILEVEL_KINDS = (*FUNCID_KINDS, "omd", "omd_cg")
+#: where FuncID's adjoint network reads the outer gradient g = ∂_v ℓ_out
+ADJOINT_AT = ("solution", "prediction")
 
 
 @dataclass
@@ -77,7 +81,7 @@ class RLProblemConfig:
 
 @dataclass
 class RLMethodConfig(MethodConfig):
-    """A method of the RL experiment (defaults: FuncID with the paper's hyperparameters).
+    """A method of the RL experiment (defaults: the authors' FuncID, the paper's hyperparameters).
 
     Inherited fields used here: ``inner_optimizer``/``inner_lr``/``inner_steps`` (the Q-function:
     Adam 3e-4, one step per environment step), ``outer_optimizer``/``outer_lr`` (the model:
@@ -85,8 +89,17 @@ class RLMethodConfig(MethodConfig):
     ``solver_iters`` (CG iterations of ``omd_cg``).
 
     Attributes:
-        kind: ``funcid`` (learned adjoint network), ``funcid_identity`` (adjoint a = −g, no
-            fitting), ``omd`` (parameter-space implicit differentiation, identity inverse
+        kind: the FuncID variants
+            ``funcid_reference`` (the authors' code, what the paper ran: adjoint a = −g at the
+            Q-network's prediction, identity output Hessian, and V̄ at the *real* s′ in the
+            cross derivative, so only the reward head gets a hypergradient),
+            ``funcid_solution`` (adjoint at the function-space inner solution h* = ŷ, both
+            heads: the exact hypergradient of the empirical problem),
+            ``funcid_network`` (an adjoint network fitted to the same target, both heads; see
+            ``adjoint_at``),
+            ``funcid_identity`` (a = −g at the Q-network's prediction with both heads: the
+            earlier variant, which diverges; kept as a counter-example);
+            and ``omd`` (parameter-space implicit differentiation, identity inverse
             Hessian), ``omd_cg`` (same with CG), ``mle`` (model by maximum likelihood), ``vep``
             (value equivalence), ``model_free`` (soft Q-learning on real transitions).
         warm_opt: keep the Adam statistics of the Q-steps (and of the adjoint) of the bilevel
@@ -98,9 +111,12 @@ class RLMethodConfig(MethodConfig):
         adjoint_scale: FuncID's adjoint network outputs a = adjoint_scale · net(s, a); None:
             the batch size, so that net regresses the gradient of the batch-mean outer loss as
             in the reference implementation (see ``networks.ScaledOutput``).
+        adjoint_at: ``funcid_network`` fits its network to g evaluated at the inner solution
+            h* (``"solution"``) or at the Q-network's prediction (``"prediction"``, the earlier
+            variant). ``adjoint_init`` may also be ``"zero"`` (fresh, output layer zero: a ≡ 0).
     """
 
-    kind: str = "funcid"
+    kind: str = "funcid_reference"
     inner_lr: float = 3e-4
     inner_steps: int = 1
     outer_lr: float = 1e-3
@@ -112,6 +128,7 @@ class RLMethodConfig(MethodConfig):
     cg_warm_start: bool = False
     model_steps: int = 1
     adjoint_scale: float | None = None
+    adjoint_at: str = "solution"
 
     def __post_init__(self) -> None:
         if self.kind not in RL_KINDS:
@@ -122,6 +139,19 @@ class RLMethodConfig(MethodConfig):
             )
         if self.adjoint_scale is not None and not self.adjoint_scale > 0:
             raise ValueError(f"RL method {self.kind}: adjoint_scale must be > 0")
+        if self.adjoint_at not in ADJOINT_AT:
+            raise ValueError(f"RL method {self.kind}: adjoint_at must be one of {ADJOINT_AT}")
+        if self.adjoint_init not in ("fresh", "inner", "zero"):
+            raise ValueError(
+                f"RL method {self.kind}: adjoint_init must be 'fresh', 'inner' or 'zero'"
+            )
 
 
-__all__ = ["BILEVEL_KINDS", "RL_KINDS", "RLMethodConfig", "RLProblemConfig"]
+__all__ = [
+    "ADJOINT_AT",
+    "BILEVEL_KINDS",
+    "FUNCID_KINDS",
+    "RL_KINDS",
+    "RLMethodConfig",
+    "RLProblemConfig",
+]

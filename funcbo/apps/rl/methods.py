@@ -1,7 +1,7 @@
 """The update rules compared on the RL loop: one call per environment step.
 
-* bilevel (``funcid``, ``funcid_identity``, ``omd``, ``omd_cg``): a library hypergradient
-  estimator takes the Q-step(s) on the model's Bellman targets and returns ∇_ω of the real
+* bilevel (the ``funcid_*`` variants, ``omd``, ``omd_cg``): Q-step(s) on the model's Bellman
+  targets, the Polyak update, then a library hypergradient estimator returns ∇_ω of the real
   Bellman error; the model takes an optimizer step on it. One replay batch serves as inner and
   outer batch (as in OMD's code).
 * ``mle``: the model is fitted to real transitions by least squares (a Gaussian likelihood with
@@ -10,7 +10,7 @@
   V_e(ŝ′) ≈ V_e(s′) for a fixed ensemble of random value functions, plus the reward error.
 * ``model_free``: soft Q-learning on real transitions (no model), a reference.
 
-Every rule ends with the Polyak update of the target network.
+Every rule updates the target network right after the Q-step, as the reference code does.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from funcbo.adjoints import NetworkAdjoint, reset_parameters
+from funcbo.adjoints import Adjoint, NetworkAdjoint, reset_parameters
 from funcbo.apps.rl.adjoint import PointwiseAdjoint
 from funcbo.apps.rl.config import RLMethodConfig
-from funcbo.apps.rl.networks import ScaledOutput, ValueEnsemble, polyak_update
+from funcbo.apps.rl.networks import EnsembleLinear, ScaledOutput, ValueEnsemble, polyak_update
 from funcbo.apps.rl.problem import SoftBellmanProblem, with_target
-from funcbo.estimator import HypergradientEstimator
+from funcbo.apps.rl.solution import BellmanSolution, NoInnerSteps, SolutionProblem, StateActionInput
+from funcbo.estimator import ImplicitEstimator
 from funcbo.experiments.methods import make_optimizer
 from funcbo.functional import FuncID
+from funcbo.inner import InnerSolver
 from funcbo.linalg import CG, Identity
 from funcbo.parametric import AID
 
@@ -90,11 +92,19 @@ def bellman_error(problem: SoftBellmanProblem, pred: Tensor, batch: dict[str, An
 
 
 class BilevelUpdater(Updater):
-    """Model update by a hypergradient estimator (FuncID or AID), then the Polyak update.
+    """Q-step(s) on the model's targets, Polyak update, then the model's hypergradient step.
+
+    The order follows the reference code (OMD's and FuncID's ``fwd_solver``): the target network
+    is updated right after the Q-steps, and the hypergradient (and the real Bellman error it
+    differentiates) uses the updated target network.
 
     Args:
-        estimator: a library estimator over the inner model (the online Q of the taken action).
-        problem: the soft Bellman bilevel problem.
+        inner: the inner solver taking the Q-steps on the online Q of the taken action.
+        estimator: a library estimator whose :meth:`hypergradient` gives ∇_ω of the real
+            Bellman error (its inner model is the Q-network, or the inner solution h*).
+        problem: the soft Bellman bilevel problem of the Q-steps.
+        hypergradient_problem: the problem the hypergradient is taken on (``problem`` itself,
+            its ``next_value="real"`` version, or the :class:`SolutionProblem`).
         model: T_ω.
         model_optimizer: optimizer over ω.
         online_q: the online double-Q network (wrapped by the estimator's inner model).
@@ -105,8 +115,10 @@ class BilevelUpdater(Updater):
 
     def __init__(
         self,
-        estimator: HypergradientEstimator,
+        inner: InnerSolver,
+        estimator: ImplicitEstimator,
         problem: SoftBellmanProblem,
+        hypergradient_problem: SoftBellmanProblem,
         model: nn.Module,
         model_optimizer: torch.optim.Optimizer,
         online_q: nn.Module,
@@ -115,54 +127,62 @@ class BilevelUpdater(Updater):
         *,
         warm_opt: bool = False,
     ) -> None:
+        self.inner = inner
         self.estimator = estimator
         self.problem = problem
+        self.hypergradient_problem = hypergradient_problem
         self.model = model
         self.model_optimizer = model_optimizer
         self.online_q = online_q
         self.target_q = target_q
         self.tau = tau
         self.warm_opt = warm_opt
+        # FuncID at h*: the estimator's outer loss is F(ω) at h*, not the Q-network's error
+        self._solution = getattr(estimator, "inner", None) is not inner
 
     def _fresh_optimizers(self) -> None:
         # OMD / FuncID reference code: Adam's statistics are re-initialised at every outer
         # step (their ``warm_opt=False``); the parameters themselves stay warm.
-        est = self.estimator
-        inner = getattr(est, "inner", None)
-        if inner is not None:
-            inner.optimizer.state.clear()
-        adjoint = getattr(est, "adjoint", None)
+        self.inner.optimizer.state.clear()
+        adjoint = getattr(self.estimator, "adjoint", None)
         if isinstance(adjoint, NetworkAdjoint) and adjoint.optimizer is not None:
             adjoint.optimizer.state.clear()
 
     def update(self, sample: Sampler) -> dict[str, float]:
-        batch = with_target(sample(), self.target_q, self.problem, self.model)
+        raw = sample()
+        with torch.no_grad():  # the Q-steps need the model's targets, not their graph
+            batch = with_target(raw, self.target_q, self.problem, self.model)
         errors = model_errors(self.model, batch)
         if not self.warm_opt:
             self._fresh_optimizers()
-        self.estimator.step(self.problem, self.model, batch, batch)
-        self.model_optimizer.step()
+        q_loss = self.inner.run(self.problem, self.model, [batch])
         polyak_update(self.target_q, self.online_q, self.tau)
+        hp = self.hypergradient_problem
+        hb = with_target(raw, self.target_q, hp, self.model)
+        self.estimator.hypergradient(hp, self.model, hb, hb)
+        self.model_optimizer.step()
         st = self.estimator.stats
-        out = {
-            "q_loss": st.get("inner_loss", float("nan")),
-            "outer_loss": st.get("outer_loss", float("nan")),
-            "grad_norm": st.get("grad_norm", float("nan")),
-            **errors,
-        }
-        if "adjoint_loss" in st:
-            out["adjoint_loss"] = st["adjoint_loss"]
-        if "solver_iters" in st:
-            out["solver_iters"] = st["solver_iters"]
+        out = {"q_loss": q_loss, "grad_norm": st.get("grad_norm", float("nan")), **errors}
+        if self._solution:
+            pred = self.inner.model(self.problem.inner_input(hb))
+            out["outer_loss"] = bellman_error(self.problem, pred, hb)
+            out["solution_outer_loss"] = st.get("outer_loss", float("nan"))
+        else:
+            out["outer_loss"] = st.get("outer_loss", float("nan"))
+        for key in ("adjoint_loss", "solver_iters"):
+            if key in st:
+                out[key] = st[key]
         return out
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "inner": self.inner.state_dict(),
             "estimator": self.estimator.state_dict(),
             "model_optimizer": self.model_optimizer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
         self.estimator.load_state_dict(state["estimator"])
         self.model_optimizer.load_state_dict(state["model_optimizer"])
 
@@ -285,41 +305,83 @@ class ModelFreeUpdater(Updater):
         self.q_optimizer.load_state_dict(state["q_optimizer"])
 
 
-def build_estimator(
-    cfg: RLMethodConfig, q_inner: nn.Module, batch_size: int = 256
-) -> HypergradientEstimator:
-    """The library estimator of a bilevel RL method over the inner model ``q_inner``.
+def build_bilevel(
+    cfg: RLMethodConfig,
+    problem: SoftBellmanProblem,
+    q_inner: nn.Module,
+    model: nn.Module,
+    target_q: nn.Module,
+    batch_size: int = 256,
+) -> tuple[InnerSolver, ImplicitEstimator, SoftBellmanProblem]:
+    """The Q-step solver, the hypergradient estimator and its problem for a bilevel kind.
 
-    ``funcid``: FuncID with a :class:`~funcbo.NetworkAdjoint` of the inner model's architecture
-    (a fresh copy taking (s, a), its output scaled by ``cfg.adjoint_scale`` or, when that is
-    None, by ``batch_size``: see :class:`ScaledOutput`); ``funcid_identity``: FuncID with
-    :class:`PointwiseAdjoint` (a = −g); ``omd``: AID with the identity "inverse Hessian";
-    ``omd_cg``: AID with damped CG. Initialisations draw from the global torch generator.
+    * ``funcid_reference``: FuncID, :class:`PointwiseAdjoint` (a = −g at the Q-network's
+      prediction), on ``problem`` with ``next_value="real"`` (reward head only);
+    * ``funcid_identity``: the same on ``problem`` (both heads);
+    * ``funcid_solution``: FuncID whose inner model is h* (:class:`BellmanSolution`) with the
+      pointwise adjoint a* = −(ŷ − y): the exact hypergradient of the batch's problem;
+    * ``funcid_network``: FuncID with a :class:`~funcbo.NetworkAdjoint` of the Q-network's
+      architecture (output scaled by ``cfg.adjoint_scale``, default the batch size: see
+      :class:`ScaledOutput`), fitted to g at h* (``adjoint_at="solution"``) or at the
+      Q-network's prediction;
+    * ``omd``: AID with the identity "inverse Hessian"; ``omd_cg``: AID with damped CG.
+
+    Initialisations draw from the global torch generator.
     """
     inner_opt = make_optimizer(
         cfg.inner_optimizer, q_inner.parameters(), cfg.inner_lr, cfg.inner_weight_decay
     )
-    if cfg.kind == "funcid":
-        net = copy.deepcopy(q_inner)
-        if cfg.adjoint_init == "fresh":
-            reset_parameters(net)
-        elif cfg.adjoint_init != "inner":
-            raise ValueError(f"adjoint_init must be 'fresh' or 'inner', got {cfg.adjoint_init!r}")
-        scale = float(batch_size) if cfg.adjoint_scale is None else cfg.adjoint_scale
-        adjoint = NetworkAdjoint(
-            ScaledOutput(net, scale),
-            lambda ps: make_optimizer(cfg.adjoint_optimizer, ps, cfg.adjoint_lr),
-            cfg.adjoint_steps,
-        )
-        return FuncID(q_inner, inner_opt, cfg.inner_steps, adjoint)
-    if cfg.kind == "funcid_identity":
-        return FuncID(q_inner, inner_opt, cfg.inner_steps, PointwiseAdjoint())
-    if cfg.kind == "omd":
-        return AID(q_inner, inner_opt, cfg.inner_steps, solver=Identity(), warm_start=False)
-    if cfg.kind == "omd_cg":
+    heads = int(getattr(getattr(q_inner, "q", None), "heads", 2))
+    kind = cfg.kind
+    if kind in ("funcid_reference", "funcid_identity"):
+        est = FuncID(q_inner, inner_opt, cfg.inner_steps, PointwiseAdjoint())
+        hp = problem.with_next_value("real") if kind == "funcid_reference" else problem
+        return est.inner, est, hp
+    if kind == "omd":
+        est = AID(q_inner, inner_opt, cfg.inner_steps, solver=Identity(), warm_start=False)
+        return est.inner, est, problem
+    if kind == "omd_cg":
         solver = CG(maxiter=cfg.solver_iters, damping=cfg.cg_damping)
-        return AID(q_inner, inner_opt, cfg.inner_steps, solver=solver, warm_start=cfg.cg_warm_start)
-    raise ValueError(f"method kind {cfg.kind!r} does not use a hypergradient estimator")
+        est = AID(q_inner, inner_opt, cfg.inner_steps, solver=solver, warm_start=cfg.cg_warm_start)
+        return est.inner, est, problem
+    if kind == "funcid_solution" or (kind == "funcid_network" and cfg.adjoint_at == "solution"):
+        inner = InnerSolver(q_inner, inner_opt, cfg.inner_steps)
+        sol = BellmanSolution(problem, model, target_q, heads)
+        if kind == "funcid_solution":
+            adjoint: Adjoint = PointwiseAdjoint()
+        else:
+            adjoint = _adjoint_network(cfg, q_inner, batch_size, state_action_input=True)
+        est = FuncID(sol, None, adjoint=adjoint, inner_solver=NoInnerSteps(sol))
+        return inner, est, SolutionProblem.like(problem)
+    if kind == "funcid_network":
+        adjoint = _adjoint_network(cfg, q_inner, batch_size, state_action_input=False)
+        est = FuncID(q_inner, inner_opt, cfg.inner_steps, adjoint)
+        return est.inner, est, problem
+    raise ValueError(f"method kind {kind!r} does not use a hypergradient estimator")
+
+
+def _adjoint_network(
+    cfg: RLMethodConfig, q_inner: nn.Module, batch_size: int, *, state_action_input: bool
+) -> NetworkAdjoint:
+    net = copy.deepcopy(q_inner)
+    if cfg.adjoint_init in ("fresh", "zero"):
+        reset_parameters(net)
+    if cfg.adjoint_init == "zero":
+        last = [m for m in net.modules() if isinstance(m, EnsembleLinear)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+    scale = float(batch_size) if cfg.adjoint_scale is None else cfg.adjoint_scale
+    module: nn.Module = ScaledOutput(net, scale)
+    if state_action_input:
+        module = StateActionInput(module)
+    return NetworkAdjoint(
+        module,
+        lambda ps: make_optimizer(
+            cfg.adjoint_optimizer, ps, cfg.adjoint_lr, cfg.adjoint_weight_decay
+        ),
+        cfg.adjoint_steps,
+    )
 
 
 __all__ = [
@@ -328,7 +390,7 @@ __all__ = [
     "ModelFreeUpdater",
     "Updater",
     "bellman_error",
-    "build_estimator",
+    "build_bilevel",
     "model_errors",
     "q_step",
 ]

@@ -18,6 +18,11 @@ implicit differentiation applies; ∂_ω reaches the reward head through r̂ and
 through V̄(ŝ′). The outer loss does not depend on ω directly. Batches are mappings with
 ``obs, action, reward, next_obs, not_done`` and the target network under ``target_q``.
 
+``next_value="real"`` evaluates V̄ at the *real* next state in the model's target,
+ŷ = r̂ + γ(1 − d) V̄(s′): the FuncID authors' backward pass (their ``grad_inner_loss`` receives
+V̄(s′) precomputed on the real transition), in which only the reward head of the model gets a
+hypergradient. The Q-steps always use the model's own ŝ′.
+
 Both targets are constant in v, and an estimator evaluates the losses several times per step
 (inner steps, output Hessians under ``torch.func`` transforms, the cross derivative) at the same
 ω. :func:`with_target` therefore caches ŷ (with its graph to ω) and y in the batch; the losses
@@ -36,6 +41,7 @@ from funcbo.linalg import OutputHessian
 from funcbo.problem import BilevelProblem
 
 TARGETS = ("min", "per_head")
+NEXT_VALUES = ("model", "real")
 
 
 def soft_value(q_next: Tensor, alpha: float, target: str = "min") -> Tensor:
@@ -59,9 +65,17 @@ class SoftBellmanProblem(BilevelProblem):
         gamma: discount γ.
         alpha: soft-max temperature α of the soft value.
         target: ``"min"`` (OMD: min over the target heads) or ``"per_head"``.
+        next_value: where the model's target evaluates V̄: ``"model"`` (at ŝ′, the bilevel
+            problem) or ``"real"`` (at the real s′: the reward head alone depends on ω).
     """
 
-    def __init__(self, gamma: float = 0.99, alpha: float = 0.01, target: str = "min") -> None:
+    def __init__(
+        self,
+        gamma: float = 0.99,
+        alpha: float = 0.01,
+        target: str = "min",
+        next_value: str = "model",
+    ) -> None:
         super().__init__()
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
@@ -69,9 +83,16 @@ class SoftBellmanProblem(BilevelProblem):
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if target not in TARGETS:
             raise ValueError(f"unknown soft-value target {target!r}; use one of {TARGETS}")
+        if next_value not in NEXT_VALUES:
+            raise ValueError(f"unknown next_value {next_value!r}; use one of {NEXT_VALUES}")
         self.gamma = gamma
         self.alpha = alpha
         self.target = target
+        self.next_value = next_value
+
+    def with_next_value(self, next_value: str) -> SoftBellmanProblem:
+        """The same problem with the model's target evaluating V̄ at ``next_value``."""
+        return SoftBellmanProblem(self.gamma, self.alpha, self.target, next_value)
 
     # ------------------------------------------------------------------------------ targets
     def bellman_target(
@@ -82,11 +103,21 @@ class SoftBellmanProblem(BilevelProblem):
         return reward + self.gamma * not_done * v
 
     def model_target(self, model: nn.Module, batch: Any) -> Tensor:
-        """ŷ = r̂ + γ (1 − d) V̄(ŝ′) with (ŝ′, r̂) = T_ω(s, a): differentiable in ω."""
+        """ŷ = r̂ + γ (1 − d) V̄(ŝ′) with (ŝ′, r̂) = T_ω(s, a): differentiable in ω.
+
+        With ``next_value="real"``, ŷ = r̂ + γ (1 − d) V̄(s′) on the real next state.
+        """
         cache = batch.get(_CACHE)
-        if cache is not None and cache.y_model is not None and cache.valid_model(model, batch):
+        if (
+            cache is not None
+            and cache.y_model is not None
+            and cache.next_value == self.next_value
+            and cache.valid_model(model, batch)
+        ):
             return cache.y_model
         ns, r = model(batch["obs"], batch["action"])
+        if self.next_value == "real":
+            ns = batch["next_obs"]
         return self.bellman_target(batch["target_q"], r, ns, batch["not_done"])
 
     def real_target(self, batch: Any) -> Tensor:
@@ -130,8 +161,11 @@ class _TargetCache:
     counters, which invalidates the cache.
     """
 
-    def __init__(self, target_q: nn.Module, model: nn.Module | None) -> None:
+    def __init__(
+        self, target_q: nn.Module, model: nn.Module | None, next_value: str = "model"
+    ) -> None:
         self.target_q = target_q
+        self.next_value = next_value
         self.target_params = list(target_q.parameters())
         self.target_versions = _versions(self.target_params)
         self.model = model
@@ -147,8 +181,16 @@ class _TargetCache:
         )
 
     def valid_model(self, model: nn.Module, batch: Any) -> bool:
+        # a target computed without a graph cannot serve where gradients to ω are wanted
+        graph_ok = (
+            self.y_model is None
+            or self.y_model.requires_grad
+            or not torch.is_grad_enabled()
+            or not any(p.requires_grad for p in self.model_params)
+        )
         return (
             model is self.model
+            and graph_ok
             and _versions(self.model_params) == self.model_versions
             and self.valid_target(batch)
         )
@@ -170,7 +212,7 @@ def with_target(
     out["target_q"] = target_q
     if problem is None:
         return out
-    cache = _TargetCache(target_q, model)
+    cache = _TargetCache(target_q, model, problem.next_value)
     cache.y_real = problem.real_target(out)
     if model is not None:
         cache.y_model = problem.model_target(model, out)
@@ -178,4 +220,4 @@ def with_target(
     return out
 
 
-__all__ = ["TARGETS", "SoftBellmanProblem", "soft_value", "with_target"]
+__all__ = ["NEXT_VALUES", "TARGETS", "SoftBellmanProblem", "soft_value", "with_target"]

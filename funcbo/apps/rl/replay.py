@@ -10,7 +10,7 @@ from torch import Tensor
 
 
 class ReplayBuffer:
-    """Ring buffer of (s, a, r, s′, not_done) with uniform sampling with replacement.
+    """Ring buffer of (s, a, r, s′, not_done) with uniform sampling without replacement.
 
     ``not_done`` = 1 − terminated is the bootstrap mask (truncation keeps it at 1). Sampling uses
     the buffer's own ``torch.Generator``, so a restored buffer draws the same batches as an
@@ -53,7 +53,9 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size: int, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """A batch drawn uniformly with replacement.
+        """A batch of distinct transitions drawn uniformly (as OMD's buffer samples them).
+
+        With fewer stored transitions than ``batch_size`` it draws with replacement.
 
         Returns:
             ``{"obs": [B, d], "action": [B] (long), "reward": [B, 1], "next_obs": [B, d],
@@ -61,7 +63,7 @@ class ReplayBuffer:
         """
         if self.size == 0:
             raise RuntimeError("cannot sample from an empty replay buffer")
-        idx = torch.randint(0, self.size, (batch_size,), generator=self.generator)
+        idx = self.indices(batch_size)
         return {
             "obs": self.obs[idx].to(dtype),
             "action": self.action[idx],
@@ -69,6 +71,26 @@ class ReplayBuffer:
             "next_obs": self.next_obs[idx].to(dtype),
             "not_done": self.not_done[idx].to(dtype).unsqueeze(1),
         }
+
+    def indices(self, batch_size: int) -> Tensor:
+        """``batch_size`` distinct indices, a uniformly random subset of the filled part.
+
+        A small buffer is permuted; a large one is sampled with replacement and its repeated
+        draws redrawn until all are distinct (every subset stays equally likely, by symmetry),
+        which costs O(batch) instead of the O(size) of a permutation.
+        """
+        n, g = self.size, self.generator
+        if batch_size > n:
+            return torch.randint(0, n, (batch_size,), generator=g)
+        if n <= 8 * batch_size:
+            return torch.randperm(n, generator=g)[:batch_size]
+        idx = torch.randint(0, n, (batch_size,), generator=g)
+        while True:
+            uniq = torch.unique(idx)
+            missing = batch_size - uniq.numel()
+            if missing == 0:
+                return idx
+            idx = torch.cat([uniq, torch.randint(0, n, (missing,), generator=g)])
 
     def state_dict(self) -> dict[str, Any]:
         """The filled part of the storage, the write pointer and the sampling generator."""
