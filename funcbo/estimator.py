@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from funcbo.distributed import all_reduce_mean_
-from funcbo.problem import Batch, BilevelProblem
+from funcbo.errors import EmptyBatchError, NonFiniteLossError
+from funcbo.problem import Batch, BilevelProblem, check_finite_tensors
 
 
 class HypergradientEstimator(ABC):
@@ -22,8 +25,14 @@ class HypergradientEstimator(ABC):
     the trainable parameters, overwriting them, so that any torch optimizer can take the outer
     step. Diagnostics of the last step are in ``stats``.
 
-    ``inner_batches`` is one batch or a sequence of batches: inner step k uses batch
-    ``k mod len(inner_batches)``, and the adjoint and the hypergradient use the last one.
+    ``inner_batches`` is one batch, or several wrapped in :class:`Batches`: inner step k uses
+    batch ``k mod len(inner_batches)``, and the adjoint and the hypergradient use the last one.
+    A plain list or tuple is *one* batch (``(x, y)``, or ``[x, y]`` as a ``DataLoader`` over a
+    ``TensorDataset`` yields it); see :func:`as_batch_list`.
+
+    Every estimator raises :class:`~funcbo.NonFiniteLossError` when the inner model's weights,
+    the adjoint or the hypergradient stop being finite (a diverging inner problem, say), rather
+    than passing NaN or infinity on to the outer optimizer.
     """
 
     #: how many inner batches one step consumes (the Trainer draws this many)
@@ -77,19 +86,44 @@ class ImplicitEstimator(HypergradientEstimator):
         """∇F(ω) at the current inner model (no inner steps)."""
 
 
-def as_batch_list(inner_batches: Batch | Sequence[Batch]) -> list[Batch]:
-    """One batch or a list of batches → a non-empty list of batches.
+class Batches(list):
+    """Several inner batches for one estimator step (a ``list`` that says so).
 
-    A list or tuple whose items are themselves batches (tuples, lists, dicts) is a list of
-    batches; a tuple of tensors such as ``(x, y)`` is one batch.
+    ``est.step(problem, outer, Batches([b0, b1, b2]), outer_batch)`` runs inner step k on batch
+    ``k mod 3``; the :class:`~funcbo.Trainer` passes the batches it draws this way. Without the
+    wrapper a list or tuple is one batch.
     """
-    if isinstance(inner_batches, list) and inner_batches:
-        return inner_batches
+
+
+def as_batch_list(inner_batches: Batch | Sequence[Batch]) -> list[Batch]:
+    """The inner batches of one step, as a non-empty list.
+
+    - :class:`Batches` ``([b0, b1, ...])``: those batches;
+    - anything else is one batch: a dict, a tensor, a tuple or list of tensors such as
+      ``(x, y)`` or the ``[x, y]`` a ``DataLoader`` over a ``TensorDataset`` yields.
+
+    For compatibility, a plain list or tuple whose items are all dicts, lists or tuples (and so
+    cannot be a batch of tensors) is still read as several batches, with a
+    ``DeprecationWarning``: wrap them in :class:`Batches`.
+
+    Raises:
+        EmptyBatchError: ``Batches([])``.
+    """
+    if isinstance(inner_batches, Batches):
+        if not inner_batches:
+            raise EmptyBatchError("Batches([]) holds no inner batch")
+        return list(inner_batches)
     if (
-        isinstance(inner_batches, tuple)
+        isinstance(inner_batches, (list, tuple))
         and inner_batches
-        and all(isinstance(b, (tuple, list, dict)) for b in inner_batches)
+        and all(isinstance(b, (Mapping, list, tuple)) for b in inner_batches)
     ):
+        warnings.warn(
+            "a plain list of batches passed as inner_batches: wrap it in funcbo.Batches "
+            "(a plain list or tuple will be read as one batch)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         return list(inner_batches)
     return [inner_batches]
 
@@ -110,6 +144,14 @@ def finish_outer_grads(outer: nn.Module, grads: Sequence[Tensor | None]) -> tupl
         torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)
     ]
     all_reduce_mean_(full)
+    diverged = "the inner or outer iterates diverged: lower the learning rates (or ITD's step)"
+    check_finite_tensors(full, "the hypergradient's entries", diverged)
+    norm = grad_norm(full)
+    if not math.isfinite(norm):
+        raise NonFiniteLossError(
+            f"the hypergradient's norm overflows (largest entry "
+            f"{max(float(g.abs().max()) for g in full if g.numel()):.3g}): {diverged}"
+        )
     for p, g in zip(params, full, strict=True):
         p.grad = g
     it = iter(full)

@@ -31,7 +31,7 @@ from funcbo.estimator import (
 )
 from funcbo.inner import InnerSolver, make_inner_solver
 from funcbo.linalg import OutputHessian
-from funcbo.problem import Batch, BilevelProblem, check_pred
+from funcbo.problem import Batch, BilevelProblem, check_finite_tensors, check_pred
 
 
 class FuncID(ImplicitEstimator):
@@ -121,6 +121,11 @@ class FuncID(ImplicitEstimator):
             hess.check_positive()
 
         a_in = self.adjoint.solve(AdjointProblem(x_in, x_out, hess, g_out.detach(), z_in, z_out))
+        check_finite_tensors(
+            [a_in],
+            f"the adjoint ({type(self.adjoint).__name__}) values",
+            "lower the adjoint learning rate, or raise LinearAdjoint's ridge",
+        )
 
         # B a = ∂_ω ⟨∂_v L_in(ω, v), a⟩ at v = h(x_in): a mixed derivative in ω and the output.
         v = v_in.clone().requires_grad_(True)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from funcbo.distributed import all_reduce_mean_
-from funcbo.problem import Batch, BilevelProblem
+from funcbo.problem import Batch, BilevelProblem, check_finite_tensors
 
 
 @contextmanager
@@ -79,6 +79,12 @@ class InnerSolver:
             loss = self.optimizer.step(closure)
             self.optimizer.zero_grad(set_to_none=True)
             last = float(loss) if loss is not None else float("nan")
+        if self.steps:
+            check_finite_tensors(
+                params,
+                f"the inner model's weights after {self.steps} inner steps",
+                "the inner problem diverged: lower the inner learning rate",
+            )
         return last
 
     def state_dict(self) -> dict[str, Any]:

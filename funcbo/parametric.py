@@ -28,7 +28,7 @@ from funcbo.estimator import (
 )
 from funcbo.inner import InnerSolver, frozen, make_inner_solver
 from funcbo.linalg import CG, Solver, tnorm
-from funcbo.problem import Batch, BilevelProblem, check_pred
+from funcbo.problem import Batch, BilevelProblem, check_finite_tensors, check_pred
 
 
 def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -211,6 +211,11 @@ class ITD(HypergradientEstimator):
                 new_theta[n] = theta[n] - self.lr * b
             theta, buf = new_theta, new_buf
             inner_loss = float(loss.detach())
+        check_finite_tensors(
+            theta.values(),
+            f"ITD's inner weights after {self.unroll} unrolled steps",
+            "the unrolled inner steps diverged: lower ITD's step size lr",
+        )
         x_out = problem.input(outer_batch, "outer")
         pred_out = check_pred(functional_call(model, theta, (x_out,)), "inner model output")
         l_out = problem.eval_outer(outer, pred_out, outer_batch).mean()

@@ -12,7 +12,7 @@ even when the network representing h is not convex in its weights. Users therefo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -213,11 +213,34 @@ def check_finite(t: Tensor, name: str) -> None:
         )
 
 
+def check_finite_tensors(tensors: Iterable[Tensor], what: str, hint: str) -> None:
+    """Raise :class:`~funcbo.NonFiniteLossError` if a tensor holds NaN or infinity.
+
+    Args:
+        tensors: the tensors to check (weights, an adjoint, a gradient).
+        what: what they are, for the message (``"the inner model's weights"``).
+        hint: what to do about it.
+    """
+    total = n_nan = n_inf = 0
+    for t in tensors:
+        t = t.detach()
+        total += t.numel()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            n_nan += nan
+            n_inf += int((~torch.isfinite(t)).sum()) - nan
+    if n_nan or n_inf:
+        raise NonFiniteLossError(
+            f"{what} are not finite ({n_nan} NaN and {n_inf} inf of {total} entries): {hint}"
+        )
+
+
 __all__ = [
     "BilevelProblem",
     "NotStronglyConvexError",
     "batch_size",
     "check_finite",
+    "check_finite_tensors",
     "check_pred",
     "default_input",
 ]

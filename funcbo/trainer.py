@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from funcbo.distributed import is_distributed, rank, shard_batch
-from funcbo.estimator import HypergradientEstimator
+from funcbo.estimator import Batches, HypergradientEstimator
 from funcbo.io import append_jsonl, atomic_torch_save
 from funcbo.memory import peak_bytes, reset_peak
 from funcbo.problem import Batch, BilevelProblem
@@ -128,10 +128,10 @@ class Trainer:
     def step(self) -> Metrics:
         """One outer iteration; returns its metrics."""
         est = self.estimator
-        inner_batches = [self.inner_stream.next() for _ in range(est.inner_steps)]
+        inner_batches = Batches(self.inner_stream.next() for _ in range(est.inner_steps))
         outer_batch = self.outer_stream.next()
         if self.shard and is_distributed():
-            inner_batches = [shard_batch(b) for b in inner_batches]
+            inner_batches = Batches(shard_batch(b) for b in inner_batches)
             outer_batch = shard_batch(outer_batch)
         reset_peak(self.device)
         t0 = time.perf_counter()
