@@ -10,7 +10,7 @@ from torch import nn
 import funcbo
 from funcbo.adjoints import AdjointProblem, LinearAdjoint, NetworkAdjoint, reset_parameters
 from funcbo.linalg import OutputHessian
-from funcbo.synthetic import LinearQuadratic, SoftmaxIV, mlp
+from funcbo.synthetic import DiscreteIV, LinearQuadratic, SoftmaxIV, mlp
 
 
 def _adjoint_problem(n=40, m=30, p=6, d=3, isotropic=True, seed=0):
@@ -176,3 +176,38 @@ def test_head_called_twice_is_an_error():
     est = funcbo.FuncID(inner, torch.optim.SGD(inner.parameters(), lr=0.1), 0)
     with pytest.raises(RuntimeError, match="ran 4 times"):
         est.step(lq.problem, lq.make_outer(), lq.inner_batch, lq.outer_batch)
+
+
+def test_linear_adjoint_on_an_embedding_uses_one_hot_features():
+    # A discrete instrument's natural inner model is a table: nn.Embedding(K, d) on the group
+    # index. The linear adjoint on one-hot features is then exact (up to the ridge).
+    iv = DiscreteIV()
+    outer = iv.make_outer()
+    torch.manual_seed(0)
+    inner = nn.Embedding(iv.K, iv.d).to(torch.float64)
+    with torch.no_grad():
+        inner.weight.copy_(iv.inner_solution(outer))
+    inner_batch = {"x": iv.k_in, "t": iv.inner_batch["t"]}
+    outer_batch = {"x": iv.k_out, "y": iv.outer_batch["y"]}
+    est = funcbo.FuncID(inner, torch.optim.SGD(inner.parameters(), lr=0.1), 0)
+    g = est.step(iv.problem, outer, inner_batch, outer_batch)
+    assert rel_err(g, iv.exact_grad(outer)) <= 1e-5
+    # indices given as [B, 1] give the same features
+    col = {"x": iv.k_in[:, None], "t": iv.inner_batch["t"]}
+
+    class Column(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = inner
+
+        def forward(self, k):
+            return self.emb(k)[:, 0]
+
+    est2 = funcbo.FuncID(Column(), torch.optim.SGD(inner.parameters(), lr=0.1), 0)
+    g2 = est2.step(iv.problem, outer, col, {"x": iv.k_out[:, None], "y": iv.outer_batch["y"]})
+    assert rel_err(g2, g) <= 1e-12
+
+
+def test_linear_adjoint_without_linear_or_embedding_says_what_to_do():
+    with pytest.raises(ValueError, match="nn.Linear or nn.Embedding.*head=.*NetworkAdjoint"):
+        LinearAdjoint().bind(nn.Sequential(nn.Tanh()))
