@@ -244,7 +244,9 @@ class LinearAdjoint(Adjoint):
             tr(S₀)/(p+1) of the unregularised S₀, so one value fits features of any scale.
         relative: interpret ``ridge`` relative to the feature scale (see above).
         head: the module whose *input* is φ(x): a module or its name in the inner model.
-            Default: the last ``nn.Linear`` registered in the inner model.
+            Default: the last ``nn.Linear`` registered in the inner model or, in a model
+            without one, the last ``nn.Embedding``, whose features are the one-hot encodings
+            of its indices (for a discrete input such as an instrument).
         solver: CG used for non-isotropic Hessians.
         solve_dtype: dtype of the linear algebra (float64 by default, whatever the model's).
     """
@@ -379,6 +381,17 @@ def _cholesky(S: Tensor) -> Tensor:
     return L
 
 
+def _one_hot(emb: nn.Embedding, idx: Tensor) -> Tensor:
+    if idx.dim() == 2 and idx.shape[1] == 1:
+        idx = idx[:, 0]
+    if idx.dim() != 1:
+        raise ShapeError(
+            f"LinearAdjoint on an nn.Embedding needs indices of shape [B] or [B, 1], got "
+            f"{tuple(idx.shape)}: pass head= (a later module) or use NetworkAdjoint"
+        )
+    return nn.functional.one_hot(idx.long(), emb.num_embeddings).to(emb.weight.dtype)
+
+
 def raise_not_convex(c: Tensor) -> None:
     from funcbo.errors import NotStronglyConvexError
 
@@ -404,16 +417,25 @@ def find_head(model: nn.Module, spec: nn.Module | str | None) -> nn.Module:
             raise ValueError(f"inner model has no submodule {spec!r}; known: {known}")
         return modules[spec]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(
-            "LinearAdjoint found no nn.Linear in the inner model: pass head= (the module whose "
-            "input is the last hidden features)"
-        )
-    return linears[-1]
+    if linears:
+        return linears[-1]
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if embeddings:
+        # An embedding is a linear layer on one-hot inputs: φ(x) = onehot(x).
+        return embeddings[-1]
+    raise ValueError(
+        "LinearAdjoint found no nn.Linear or nn.Embedding in the inner model: pass head= (the "
+        "module whose input is the last hidden features), or use NetworkAdjoint"
+    )
 
 
 class FeatureRecorder:
-    """Context manager recording the input of ``head`` on every forward (the features φ)."""
+    """Context manager recording the input of ``head`` on every forward (the features φ).
+
+    For an ``nn.Embedding`` head the features are the one-hot encodings of its indices (an
+    embedding is a linear layer on them, so a linear adjoint on them can be any function of a
+    discrete input); indices must have shape ``[B]`` or ``[B, 1]``.
+    """
 
     def __init__(self, head: nn.Module) -> None:
         self.head = head
@@ -422,7 +444,10 @@ class FeatureRecorder:
 
     def __enter__(self) -> list[Tensor]:
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            self.features.append(args[0])
+            x = args[0]
+            if isinstance(self.head, nn.Embedding):
+                x = _one_hot(self.head, x)
+            self.features.append(x)
 
         self._handle = self.head.register_forward_pre_hook(hook)
         return self.features
