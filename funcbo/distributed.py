@@ -64,6 +64,22 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     return out
 
 
+def mean_across_ranks(stats: dict[str, float]) -> dict[str, float]:
+    """The mean of each scalar diagnostic over the ranks (one collective for all of them).
+
+    Losses an estimator reports are means over this rank's shard; with equal shards their mean
+    over the ranks is the loss of the whole batch, so what is logged under ``torchrun`` is what
+    one process would log. Values that are equal on every rank (a gradient norm computed after
+    averaging, an iteration count) are unchanged. Every rank must call it with the same keys.
+    """
+    if not is_distributed() or not stats:
+        return stats
+    keys = sorted(stats)
+    values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    all_reduce_mean_([values])
+    return {**stats, **{k: float(v) for k, v in zip(keys, values.tolist(), strict=True)}}
+
+
 def differentiable_all_reduce_mean(t: Tensor) -> Tensor:
     """Mean across ranks that autograd can differentiate through (used by unrolled ITD)."""
     if not is_distributed():
@@ -119,6 +135,7 @@ __all__ = [
     "broadcast_module_",
     "differentiable_all_reduce_mean",
     "is_distributed",
+    "mean_across_ranks",
     "rank",
     "shard_batch",
     "world_size",

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from funcbo.distributed import all_reduce_mean_
+from funcbo.distributed import all_reduce_mean_, mean_across_ranks
 from funcbo.errors import EmptyBatchError, NonFiniteLossError
 from funcbo.problem import Batch, BilevelProblem, check_finite_tensors
 
@@ -23,7 +23,9 @@ class HypergradientEstimator(ABC):
     (inner steps, adjoint steps, ...) and returns the estimate as a tuple aligned with
     ``outer.parameters()`` (zeros for frozen parameters); it also writes it to the ``.grad`` of
     the trainable parameters, overwriting them, so that any torch optimizer can take the outer
-    step. Diagnostics of the last step are in ``stats``.
+    step. Diagnostics of the last step are in ``stats``; under ``torch.distributed`` they are
+    means over the ranks (:func:`~funcbo.distributed.mean_across_ranks`), so that the losses are
+    those of the whole batch.
 
     ``inner_batches`` is one batch, or several wrapped in :class:`Batches`: inner step k uses
     batch ``k mod len(inner_batches)``, and the adjoint and the hypergradient use the last one.
@@ -76,7 +78,7 @@ class ImplicitEstimator(HypergradientEstimator):
         batches = as_batch_list(inner_batches)
         inner_loss = self.inner.run(problem, outer, batches)
         grads = self.hypergradient(problem, outer, batches[-1], outer_batch)
-        self.stats["inner_loss"] = inner_loss
+        self.stats = mean_across_ranks({**self.stats, "inner_loss": inner_loss})
         return grads
 
     @abstractmethod

@@ -7,7 +7,11 @@
 bias. The θ-steps minimise the penalised objective divided by γ (so inner learning rates keep
 their usual scale); the returned outer gradient is that of the penalised objective itself.
 Under ``torch.distributed`` the θ-step gradients and the outer gradient are averaged across
-ranks; the gradient-norm penalty is the per-rank ‖∇_θ L_in‖², not the norm of the global mean.
+ranks; the gradient-norm penalty is the per-rank ‖∇_θ L_in‖², not the norm of the global mean,
+so its value (and the θ-steps it drives) depends on the number of ranks: for a shard of b
+samples, E‖∇_θ L_in‖² over the shard exceeds ‖∇_θ L_in‖² of the whole batch by the variance of a
+b-sample mean. The logged ``penalty`` is the mean over the ranks of that per-rank term; the
+losses are means over the whole batch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from funcbo.distributed import mean_across_ranks
 from funcbo.estimator import (
     HypergradientEstimator,
     add_grads,
@@ -49,7 +54,8 @@ class GradientPenalty(HypergradientEstimator):
     """Gradient-norm penalty method.
 
     θ-steps descend L_out/γ + ½‖∇_θ L_in‖² (a parameter-space Hessian-vector product each); the
-    outer gradient is ∂_ω L_out + γ·∂_ω ½‖∇_θ L_in‖².
+    outer gradient is ∂_ω L_out + γ·∂_ω ½‖∇_θ L_in‖². Under ``torch.distributed`` the penalty is
+    computed on each rank's shard (see the module docstring).
 
     Args:
         inner_model, inner_optimizer, inner_steps: the inner network and its θ-steps.
@@ -106,6 +112,7 @@ class GradientPenalty(HypergradientEstimator):
             "penalty": float(pen.detach()),
             "grad_norm": grad_norm(out),
         }
+        self.stats = mean_across_ranks(self.stats)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -188,6 +195,7 @@ class ValuePenalty(HypergradientEstimator):
             "penalty": float((l_in - l_hat).detach()),
             "grad_norm": grad_norm(out),
         }
+        self.stats = mean_across_ranks(self.stats)
         return out
 
     def state_dict(self) -> dict[str, Any]:

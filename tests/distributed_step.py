@@ -45,7 +45,7 @@ def main(out: str, adjoint_kind: str) -> None:
         inner_loader=[iv.inner_batch],
         outer_loader=[iv.outer_batch],
     )
-    trainer.step()
+    metrics = trainer.step()
     # The outer step consumed the first hypergradient; compare a second one, at the new state.
     batch_in = funcbo.distributed.shard_batch(iv.inner_batch)
     batch_out = funcbo.distributed.shard_batch(iv.outer_batch)
@@ -58,6 +58,10 @@ def main(out: str, adjoint_kind: str) -> None:
                 "inner": [p.detach() for p in inner.parameters()],
                 "world": funcbo.distributed.world_size(),
                 "local_batch": len(batch_in["x"]),
+                "stats": {
+                    k: float(metrics[k])
+                    for k in ("outer_loss", "inner_loss", "inner_loss_at_hypergrad", "adjoint_loss")
+                },
             },
             out,
         )

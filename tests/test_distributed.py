@@ -45,6 +45,8 @@ def test_two_ranks_equal_one_process(tmp_path, adjoint):
     assert rel_err(b["inner"], a["inner"]) <= 1e-10  # inner steps on averaged gradients
     assert rel_err(b["params"], a["params"]) <= 1e-10  # one outer step
     assert rel_err(b["grads"], a["grads"]) <= 1e-10  # the hypergradient after it
+    # the logged losses are those of the whole batch, not of rank 0's shard
+    assert b["stats"] == pytest.approx(a["stats"], rel=1e-10)
 
 
 def test_shard_batch_splits_evenly_or_explains():
