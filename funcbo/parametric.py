@@ -16,7 +16,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from funcbo.distributed import all_reduce_mean_, differentiable_all_reduce_mean
+from funcbo.distributed import (
+    all_reduce_mean_,
+    differentiable_all_reduce_mean,
+    mean_across_ranks,
+)
 from funcbo.estimator import (
     HypergradientEstimator,
     ImplicitEstimator,
@@ -233,6 +237,7 @@ class ITD(HypergradientEstimator):
             "outer_loss": float(l_out.detach()),
             "grad_norm": grad_norm(out),
         }
+        self.stats = mean_across_ranks(self.stats)
         return out
 
     def state_dict(self) -> dict[str, Any]:
