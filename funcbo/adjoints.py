@@ -78,6 +78,10 @@ class Adjoint(ABC):
 
 
 # ----------------------------------------------------------------------------- network adjoint
+#: how a default adjoint network starts (see :class:`NetworkAdjoint`)
+ADJOINT_INITS = ("fresh", "inner", "zero_head")
+
+
 class NetworkAdjoint(Adjoint):
     """Adjoint represented by a network a_φ, trained K steps on J per hypergradient.
 
@@ -90,8 +94,11 @@ class NetworkAdjoint(Adjoint):
         optimizer: an optimizer over ``model``'s parameters, or a callable building one from
             them (default: Adam with lr 1e-3).
         steps: K, optimizer steps per hypergradient.
-        init: ``"fresh"`` (re-initialised copy of the inner model, the default) or ``"inner"``
-            (start from the inner model's weights); only used when ``model`` is None.
+        init: ``"fresh"`` (re-initialised copy of the inner model, the default), ``"inner"``
+            (start from the inner model's weights) or ``"zero_head"`` (the inner model's weights
+            with its last ``nn.Linear`` set to zero, so that a ≡ 0 at the start and the first
+            steps move it along −g instead of from an arbitrary function); only used when
+            ``model`` is None.
         warm_start: keep φ across outer iterations (True) or reset it before every solve.
     """
 
@@ -106,8 +113,8 @@ class NetworkAdjoint(Adjoint):
     ) -> None:
         if steps < 1:
             raise ValueError(f"NetworkAdjoint needs steps ≥ 1, got {steps}")
-        if init not in ("fresh", "inner"):
-            raise ValueError(f"init must be 'fresh' or 'inner', got {init!r}")
+        if init not in ADJOINT_INITS:
+            raise ValueError(f"init must be one of {ADJOINT_INITS}, got {init!r}")
         self.model = model
         self._optimizer_spec = optimizer
         self.optimizer: torch.optim.Optimizer | None = None
@@ -124,6 +131,13 @@ class NetworkAdjoint(Adjoint):
             self.model = copy.deepcopy(inner_model)
             if self.init == "fresh":
                 reset_parameters(self.model)
+            elif self.init == "zero_head":
+                last = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+                if not last:
+                    raise ValueError("init='zero_head' needs an inner model with an nn.Linear")
+                with torch.no_grad():
+                    for p in last[-1].parameters():
+                        p.zero_()
             self._make_optimizer()
         if not self.warm_start:
             self._initial_state = copy.deepcopy(self.model.state_dict())
@@ -324,7 +338,7 @@ class LinearAdjoint(Adjoint):
                 return (R - torch.cholesky_solve((R @ Zt.T).T, L).T @ Zt) / lam
 
         W = precond(M)
-        iters = 0
+        iters, gave_up = 0, False
         if not iso:
             Hd = _hessian_in(H, dt)
 
@@ -338,6 +352,7 @@ class LinearAdjoint(Adjoint):
             solver = self.solver
             (W,) = solver(op, (M,), x0=(W,), preconditioner=lambda Rs: (precond(Rs[0]),))
             iters = solver.info.iterations
+            gave_up = getattr(solver.info, "gave_up", False)
         A_in = Z @ W.T
         A_out = Zo @ W.T
         HA = _hessian_in(H, dt)(A_in)
@@ -347,6 +362,7 @@ class LinearAdjoint(Adjoint):
             "adjoint_ridge": lam,
             "adjoint_cg_iters": float(iters),
             "adjoint_isotropic": float(iso),
+            "adjoint_cg_gave_up": float(gave_up),
         }
         return A_in.to(out_dtype)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,12 +47,20 @@ def tnorm(xs: Sequence[Tensor]) -> float:
 
 
 # ------------------------------------------------------------------------------- solvers
+class SolverGaveUpWarning(RuntimeWarning):
+    """A linear solver returned its starting point because no iterate improved on it."""
+
+
 @dataclass
 class SolveInfo:
-    """What a linear solve did: iterations run and final relative residual (when measured)."""
+    """What a linear solve did: iterations run, final relative residual (when measured), whether
+    the solver gave up (no progress, so it returned its start) and whether the returned iterate's
+    residual exceeds the start's (``diverged``; only CG without safeguards returns such one)."""
 
     iterations: int = 0
     residual: float = float("nan")
+    gave_up: bool = False
+    diverged: bool = False
 
 
 @dataclass
@@ -62,16 +71,23 @@ class CG:
     parameter-space Hessians of non-convex inner problems, on which plain CG can diverge across
     warm-started outer iterations: a warm start x0 whose residual exceeds ‖b‖ is replaced by
     zero, and if the last iterate's residual exceeds the starting one, the iterate of smallest
-    residual is returned instead. Like the CG of other implicit-differentiation libraries it does
-    not stop on negative curvature. ``damping`` solves (A + damping·I) instead, which keeps CG
-    well defined when A is only positive semi-definite (a parameter-space Hessian of an
-    over-parameterised network, say). An optional ``preconditioner`` M ≈ A⁻¹ turns it into
-    preconditioned CG.
+    residual is returned instead. When no iterate improves on the start (the solve diverged or
+    broke down at once), the start is returned, ``info.gave_up`` is set and a
+    :class:`SolverGaveUpWarning` is issued: the result is then no solve at all (zero, or the
+    warm start), which estimators count and report instead of passing it on silently. Like the
+    CG of other implicit-differentiation libraries it does not stop on negative curvature.
+    ``damping`` solves (A + damping·I) instead, which keeps CG well defined when A is only
+    positive semi-definite (a parameter-space Hessian of an over-parameterised network, say). An
+    optional ``preconditioner`` M ≈ A⁻¹ turns it into preconditioned CG. ``safeguards=False``
+    gives textbook CG instead: the warm start is always used and the last iterate returned, as
+    in the CG of the FuncID authors' AID baseline; a last residual above the starting one is
+    then recorded as ``info.diverged``.
     """
 
     maxiter: int = 10
     tol: float = 1e-10
     damping: float = 0.0
+    safeguards: bool = True
     info: SolveInfo = field(default_factory=SolveInfo, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -94,12 +110,13 @@ class CG:
             return tuple(torch.zeros_like(t) for t in b)
         x = tuple(torch.zeros_like(t) for t in b)
         r = b
+        warm = False
         if x0 is not None:
             r0 = taxpy(-1.0, A(tuple(x0)), b)
             # A warm start worse than zero (the operator changed a lot, or is indefinite) would
             # only carry the error forward: start from zero instead.
-            if tnorm(r0) < bnorm:
-                x, r = tuple(x0), r0
+            if tnorm(r0) < bnorm or not self.safeguards:
+                x, r, warm = tuple(x0), r0, True
         z = M(r)
         p = z
         rz = tdot(r, z)
@@ -124,6 +141,23 @@ class CG:
             res = tnorm(r)
             if res < best_res:
                 best_x, best_res = x, res
+        if not self.safeguards:
+            self.info = SolveInfo(it, res / bnorm, diverged=res > start_res)
+            return x
+        if best_res >= start_res and start_res > self.tol * bnorm:
+            # No iterate improved on the start (an indefinite or badly scaled operator, or an
+            # immediate breakdown): the solve gave up. Say so; never pass the start off as a
+            # solution.
+            self.info = SolveInfo(it, start_res / bnorm, gave_up=True)
+            warnings.warn(
+                f"CG gave up: after {it} iteration(s) no iterate had a smaller residual than the "
+                f"start (relative residual {start_res / bnorm:.3g}); returning the start "
+                f"({'the warm start' if warm else 'zero'}). The "
+                "operator may be indefinite or badly scaled: add damping or change the solver.",
+                SolverGaveUpWarning,
+                stacklevel=2,
+            )
+            return best_x
         if res > start_res:
             # Diverging (an indefinite or nearly singular operator): fall back to the iterate
             # with the smallest residual. Otherwise keep the last iterate, which CG makes
@@ -366,6 +400,7 @@ __all__ = [
     "OutputHessian",
     "SolveInfo",
     "Solver",
+    "SolverGaveUpWarning",
     "taxpy",
     "tdot",
     "tnorm",

@@ -119,6 +119,10 @@ class AID(ImplicitEstimator):
             "inner_loss_at_hypergrad": float(l_in.detach()),
             "grad_norm": grad_norm(out),
             "solver_iters": float(self.solver.info.iterations),
+            # 1 when the linear solve gave up (its start returned: no implicit term this step)
+            "solver_gave_up": float(getattr(self.solver.info, "gave_up", False)),
+            # 1 when the returned solution has a larger residual than the start
+            "solver_diverged": float(getattr(self.solver.info, "diverged", False)),
             "dual_norm": tnorm(v),
         }
         return out

@@ -166,3 +166,44 @@ def test_cg_on_indefinite_operator_returns_smallest_residual_iterate():
     r = b[0] - A @ x[0]
     assert float(r.norm()) <= float(b[0].norm())  # never worse than x = 0
     assert cg.info.residual == pytest.approx(float(r.norm() / b[0].norm()))
+
+
+def _diag_matvec(d):
+    return lambda v: (d * v[0],)
+
+
+def test_cg_that_makes_no_progress_says_so():
+    # Indefinite diag(1, -1), b = (1, 2): the first CG step raises the residual from √5 to ≈ 2.98,
+    # so the safeguarded solver returns its (zero) start, flags it and warns.
+    from funcbo.linalg import SolverGaveUpWarning
+
+    d = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    b = (torch.tensor([1.0, 2.0], dtype=torch.float64),)
+    cg = CG(maxiter=1)
+    with pytest.warns(SolverGaveUpWarning, match="gave up"):
+        (x,) = cg(_diag_matvec(d), b)
+    assert torch.equal(x, torch.zeros(2, dtype=torch.float64))
+    assert cg.info.gave_up and not cg.info.diverged
+    assert cg.info.residual == pytest.approx(1.0)
+    # A solve that converges is not flagged.
+    cg = CG(maxiter=2)
+    cg(_diag_matvec(torch.tensor([1.0, 2.0], dtype=torch.float64)), b)
+    assert not cg.info.gave_up and cg.info.residual < 1e-12
+
+
+def test_cg_without_safeguards_is_textbook_cg():
+    # One textbook step: α = ‖b‖²/⟨b, Ab⟩ = 5/(1 − 4), x = αb, whatever the residual does.
+    d = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    b = (torch.tensor([1.0, 2.0], dtype=torch.float64),)
+    cg = CG(maxiter=1, safeguards=False)
+    (x,) = cg(_diag_matvec(d), b)
+    assert torch.allclose(x, (5.0 / -3.0) * b[0], atol=0, rtol=1e-15)
+    assert cg.info.diverged and not cg.info.gave_up
+    # The warm start is always taken, even one worse than zero.
+    x0 = (torch.tensor([10.0, -10.0], dtype=torch.float64),)
+    cg = CG(maxiter=1, safeguards=False)
+    (x,) = cg(_diag_matvec(d), b, x0=x0)
+    r0 = b[0] - d * x0[0]
+    p = r0
+    alpha = (r0 @ r0) / (p @ (d * p))
+    assert torch.allclose(x, x0[0] + alpha * p, rtol=1e-14, atol=0)

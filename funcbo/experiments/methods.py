@@ -24,6 +24,7 @@ from funcbo.linalg import CG, Identity, Neumann
 from funcbo.parametric import AID, ITD
 from funcbo.penalty import GradientPenalty, ValuePenalty
 
+
 @dataclass
 class MethodConfig:
     """Hyperparameters of one method.
@@ -39,6 +40,8 @@ class MethodConfig:
         solver, solver_iters, neumann_lr: AID's linear solver (``cg``, ``neumann``, ``identity``).
         damping: CG solves (H + damping·I) v = b: keeps AID stable when the parameter-space
             Hessian of an over-parameterised inner network is singular or indefinite.
+        cg_safeguards: CG's safeguards (reset a bad warm start, fall back to the best iterate;
+            see :class:`funcbo.linalg.CG`); False: textbook CG returning its last iterate.
         unroll, truncate: ITD's unrolled steps (its learning rate is ``inner_lr``).
         penalty: γ of the penalty methods.
         options: free-form extras for an application's own kinds.
@@ -62,6 +65,7 @@ class MethodConfig:
     solver_iters: int = 10
     neumann_lr: float = 0.1
     damping: float = 0.0
+    cg_safeguards: bool = True
     unroll: int = 10
     truncate: int | None = None
     penalty: float = 10.0
@@ -137,7 +141,7 @@ def build_estimator(
     if kind == "aid":
         solver: CG | Neumann | Identity
         if cfg.solver == "cg":
-            solver = CG(maxiter=cfg.solver_iters, damping=cfg.damping)
+            solver = CG(maxiter=cfg.solver_iters, damping=cfg.damping, safeguards=cfg.cg_safeguards)
         elif cfg.solver == "neumann":
             solver = Neumann(iters=cfg.solver_iters, lr=cfg.neumann_lr)
         elif cfg.solver == "identity":
