@@ -22,6 +22,74 @@ def test_readme_example_runs_and_learns_the_weights(capsys):
     assert "mean weight: clean" in out and "validation loss" in out
 
 
+#: put on the line before a tutorial code block that the tests must not run (say why in it)
+SKIP_MARK = "<!-- not run by the tests"
+
+
+def _tutorial_blocks() -> list[tuple[bool, str]]:
+    """(skipped, code) of every python block of the tutorial, in order."""
+    text = (ROOT / "docs" / "tutorial.md").read_text()
+    blocks = re.findall(r"(?:^(<!--[^\n]*-->)\n)?```python\n(.*?)```", text, flags=re.S | re.M)
+    return [(mark.startswith(SKIP_MARK), code) for mark, code in blocks]
+
+
+def _undefined_names(code: str, ns: dict) -> list[str]:
+    """Names (and ``module.attr`` chains on modules of ``ns``) a block uses but nothing defines."""
+    import ast
+    import builtins
+    import types
+
+    tree = ast.parse(code)
+    defined = set(ns) | set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+    missing = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            if node.id not in defined:
+                missing.append(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+            chain, base = [node.attr, node.value.attr], node.value.value
+            if isinstance(base, ast.Name) and isinstance(ns.get(base.id), types.ModuleType):
+                obj = ns[base.id]
+                for attr in reversed(chain):
+                    if not hasattr(obj, attr):
+                        missing.append(f"{base.id}.{'.'.join(reversed(chain))}")
+                        break
+                    obj = getattr(obj, attr)
+    return missing
+
+
+def test_tutorial_code_blocks_run_in_order(tmp_path, monkeypatch, capsys):
+    blocks = _tutorial_blocks()
+    assert len(blocks) >= 5 and sum(skip for skip, _ in blocks) == 1  # only the torchrun one
+    monkeypatch.chdir(tmp_path)  # the training section writes metrics.jsonl and ckpt.pt
+    ns: dict = {"__name__": "tutorial"}
+    for i, (skip, code) in enumerate(blocks):
+        if skip:
+            assert not _undefined_names(code, ns), f"tutorial block {i}"
+            continue
+        exec(compile(code, f"docs/tutorial.md (python block {i})", "exec"), ns)
+    w, corrupted = ns["w"], ns["corrupted"]
+    assert float(w[corrupted].mean()) < 0.1 < 0.3 < float(w[~corrupted].mean())
+    assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "metrics.jsonl").exists()
+    assert "clean" in capsys.readouterr().out
+
+
+def test_undefined_names_are_found():
+    import funcbo
+
+    ns = {"funcbo": funcbo, "weigher": 1}
+    assert _undefined_names("funcbo.distributed.broadcast_module_(outer)", ns) == ["outer"]
+    assert _undefined_names("import x as y\ny(weigher)", ns) == []
+    assert _undefined_names("funcbo.distributed.nope(weigher)", ns) == ["funcbo.distributed.nope"]
+
+
 def test_api_reference_is_current():
     p = subprocess.run(
         [sys.executable, str(ROOT / "docs" / "gen_api.py"), "--check"],
