@@ -219,9 +219,11 @@ TINY_DEMAND = {
 }
 
 
-def tiny_method(kind: str) -> IVMethodConfig:
+def tiny_method(kind: str, dataset: str = "dsprites") -> IVMethodConfig:
+    # The feature formulation (the paper's baselines) is defined without covariates.
+    extra = {"formulation": "functional"} if dataset == "demand" else {}
     return paper_method(
-        kind, inner_steps=2, adjoint_steps=2, unroll=3, truncate=2, covariate_steps=2
+        kind, inner_steps=2, adjoint_steps=2, unroll=3, truncate=2, covariate_steps=2, **extra
     )
 
 
@@ -239,7 +241,8 @@ def tiny_demand(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 
 def spec(kind: str, cfg: IVProblemConfig, dtype: str = "float32") -> RunSpec:
     experiment = "iv_demand" if cfg.dataset == "demand" else "iv_dsprites"
-    return RunSpec(experiment, kind, tiny_method(kind), cfg, seed=0, iterations=3, dtype=dtype)
+    mc = tiny_method(kind, cfg.dataset)
+    return RunSpec(experiment, kind, mc, cfg, seed=0, iterations=3, dtype=dtype)
 
 
 DATASETS = ("tiny_data", "tiny_demand")

@@ -193,7 +193,13 @@ def load_structural_matrix(path: str | os.PathLike[str]) -> np.ndarray:
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"structural matrix file not found: {p}")
+        raise FileNotFoundError(
+            f"structural matrix file not found: {p} (resolved from {os.getcwd()}). The paper "
+            "configs use DFIV's fixed matrix, data/dsprite_mat.npy of "
+            "github.com/liyuan9988/DeepFeatureIV (MIT), 4096×10: put a copy there or set "
+            "problem.matrix_path to it (--set problem.matrix_path=PATH); "
+            "problem.matrix_path=null draws a seeded U(0, 1) matrix instead"
+        )
     try:
         A = np.load(p, allow_pickle=False)
     except Exception as e:

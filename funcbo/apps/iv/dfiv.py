@@ -19,8 +19,12 @@ with χ fixed (DFIV's ``update_covariate_net``, between ``stage1_update`` and ``
 In bilevel terms this is the exact hypergradient of the problem whose inner model is a linear
 head on *fixed* instrument features. The networks are in eval mode while held fixed (as in
 DFIV's code: the spectral norms of the fixed network do not iterate). Losses use per-sample
-scale; DFIV writes them on sums with λ' = λ·n, which is the same objective up to the factor n
-(Adam, the paper's optimizer, is invariant to it).
+scale; DFIV writes them on sums with λ' = λ·n, the same objective times n. Adam alone would be
+invariant to that factor, but its *coupled* weight decay is not: wd·θ is added to the gradient
+before Adam normalises it, so DFIV's ``Adam(weight_decay=0.1)`` on sums is
+``Adam(weight_decay=0.1/n, eps=ε/n)`` on the means used here. The IV task converts the configs'
+weight decays this way (``problem.weight_decay_scale: sum``, tested against DFIV's sum-scale
+step).
 """
 
 from __future__ import annotations

@@ -38,8 +38,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from funcbo.apps.iv.evaluate import eval_mode
 from funcbo.apps.iv.ridge import ridge_fit, ridge_predict
 from funcbo.problem import BilevelProblem
 
@@ -100,4 +102,108 @@ class IVProblem(BilevelProblem):
         return ridge_fit(pred, y, self.outer_ridge)
 
 
-__all__ = ["HEADS", "IVProblem"]
+class IVFeatureProblem(BilevelProblem):
+    """2SLS as the parametric baselines of the FuncID authors' code pose it.
+
+    In github.com/inria-thoth/funcBO (``applications/IVRegression/parametricBO/trainer.py`` for
+    AID and ITD, ``PenaltyBased/trainer.py`` for the gradient penalty) the inner variable is the
+    instrument *feature* network φ_θ alone, the stage-1 head is fitted in closed form inside the
+    inner loss, and the outer loss is DFIV's stage-2 objective with the stage-1 head refitted on
+    ψ_ω(t₁) (their ``fit_2sls``), so it depends on ω directly:
+
+        inner   L_in(ω, θ) = (1/n)‖ψ_ω(t₁) − [φ_θ(z₁), 1]W₁‖² + λ₁‖W₁‖²,
+                W₁ = ridge(φ_θ(z₁) → ψ_ω(t₁), λ₁)
+        outer   L_out(ω, θ) = (1/m)‖y₂ − [V₂, 1]W₂‖² + λ₂‖W₂‖²,
+                V₂ = [φ_θ(z₂), 1]W₁,  W₂ = ridge(V₂ → y₂, λ₂)
+
+    (their sums, divided by the number of samples; λ per sample). These are parametric problems
+    in θ: the inner loss is not strongly convex in the prediction φ_θ(z) (the features are
+    determined only up to the head), so this problem serves the parameter-space estimators (AID,
+    ITD, the penalty methods), not FuncID.
+
+    The heads couple the samples, so the per-sample losses returned here are a bookkeeping of
+    the batch objectives whose *means* are L_in and L_out (the only thing those estimators use):
+    the inner loss gives sample i the term ‖ψ_ω(t_i) − [φ_i, 1]W₁‖² + λ₁‖W₁‖²; the outer batch
+    holds the stage-1 half as well (``{"z": [z₁; z₂], "t": t₁, "y": y₂}``, see
+    :func:`feature_outer_batch`) and gives the stage-2 rows (n + m)/m times their term and the
+    stage-1 rows zero.
+
+    While ω is frozen (inner steps), ψ_ω(t) is computed in eval mode (the spectral norms do not
+    iterate, as for the fixed network in DFIV and in the authors' code) and reused for as long
+    as the batch, ω's parameters and buffers are unchanged (in-place versions), which saves a
+    treatment-network forward pass per inner step; when ω requires gradients it is recomputed.
+
+    Args:
+        stage1_ridge, stage2_ridge: λ₁, λ₂ (per-sample scale).
+        check_finite: raise on NaN/inf losses.
+    """
+
+    def __init__(
+        self, *, stage1_ridge: float = 0.1, stage2_ridge: float = 0.1, check_finite: bool = True
+    ) -> None:
+        super().__init__(check_finite=check_finite)
+        for name, lam in (("stage1_ridge", stage1_ridge), ("stage2_ridge", stage2_ridge)):
+            if not lam > 0:
+                raise ValueError(f"{name} must be > 0, got {lam}")
+        self.stage1_ridge = stage1_ridge
+        self.stage2_ridge = stage2_ridge
+        self._cache: tuple[tuple, Tensor] | None = None
+
+    def treatment_features(self, outer: nn.Module, t: Tensor) -> Tensor:
+        """ψ_ω(t): with ω's graph when ω requires gradients, else cached (class docstring)."""
+        params = list(outer.parameters())
+        if any(p.requires_grad for p in params):
+            return outer(t)
+        key = (
+            id(t),
+            t.data_ptr(),
+            t._version,
+            tuple((id(p), p._version) for p in params),
+            tuple((id(b), b._version) for b in outer.buffers()),
+        )
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad(), eval_mode(outer):
+            value = outer(t)
+        self._cache = (key, value)
+        return value
+
+    def inner_input(self, batch: Any) -> Tensor:
+        return batch["z"]
+
+    def inner_loss(self, outer: nn.Module, pred: Tensor, batch: Any) -> Tensor:
+        """Stage-1 ridge residuals of ψ_ω(t) on [φ, 1] (head fitted on the batch) + λ₁‖W₁‖²."""
+        target = self.treatment_features(outer, batch["t"])
+        W = ridge_fit(pred, target, self.stage1_ridge)
+        r = target - ridge_predict(pred, W)
+        return (r**2).sum(1) + self.stage1_ridge * (W**2).sum()
+
+    def outer_loss(self, outer: nn.Module, pred: Tensor, batch: Any) -> Tensor:
+        """DFIV's stage-2 objective with the stage-1 head refitted on ψ_ω(t₁) (class doc)."""
+        t1, y = batch["t"], batch["y"]
+        n, m = t1.shape[0], y.shape[0]
+        if pred.shape[0] != n + m:
+            raise ValueError(
+                f"IVFeatureProblem's outer batch holds both halves: expected {n} + {m} "
+                f"predictions, got {pred.shape[0]} (build it with feature_outer_batch)"
+            )
+        phi1, phi2 = pred[:n], pred[n:]
+        W1 = ridge_fit(phi1, self.treatment_features(outer, t1), self.stage1_ridge)
+        V2 = ridge_predict(phi2, W1)
+        lam = self.stage2_ridge
+        W2 = ridge_fit(V2, y, lam)
+        per = ((y - ridge_predict(V2, W2)) ** 2).sum(1) + lam * (W2**2).sum()
+        return torch.cat([per.new_zeros(n), per * ((n + m) / m)])
+
+
+def feature_outer_batch(stage1: dict[str, Tensor], stage2: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The outer batch of :class:`IVFeatureProblem`: ``{"z": [z₁; z₂], "t": t₁, "y": y₂}``."""
+    if "x" in stage2:
+        raise ValueError(
+            "the feature formulation (the FuncID authors' parametric baselines) is defined for "
+            "designs without covariates; use formulation: functional for the demand design"
+        )
+    return {"z": torch.cat([stage1["z"], stage2["z"]]), "t": stage1["t"], "y": stage2["y"]}
+
+
+__all__ = ["HEADS", "IVFeatureProblem", "IVProblem", "feature_outer_batch"]

@@ -23,6 +23,7 @@ from :meth:`IVTask.state_dict` continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -42,8 +43,8 @@ from funcbo.apps.iv.dfiv import DFIV
 from funcbo.apps.iv.evaluate import eval_mode, out_of_sample_mse
 from funcbo.apps.iv.inner import RidgeHeadInnerSolver
 from funcbo.apps.iv.networks import build_iv_networks
-from funcbo.apps.iv.problem import IVProblem
-from funcbo.estimator import HypergradientEstimator
+from funcbo.apps.iv.problem import IVFeatureProblem, IVProblem, feature_outer_batch
+from funcbo.estimator import Batches, HypergradientEstimator
 from funcbo.experiments.methods import build_estimator, make_optimizer
 from funcbo.experiments.task import RunSpec, Task
 from funcbo.inner import frozen
@@ -87,7 +88,28 @@ class IVTask(Task):
         self.data = data if data is not None else make_dataset(pc, data_seed)
         self.tensors = IVTensors.from_data(self.data, self.dtype, self.device)
         head = "closed_form" if mc.kind == "dfiv" else (mc.head or pc.head)
-        self.problem = IVProblem(head=head, outer_ridge=pc.stage2_ridge)
+        self.features_formulation = mc.formulation == "features"
+        self.problem: IVProblem | IVFeatureProblem
+        if self.features_formulation:
+            if pc.dataset == "demand":
+                raise ValueError(
+                    "formulation='features' is defined for designs without covariates; use "
+                    "formulation: functional for the demand design"
+                )
+            self.problem = IVFeatureProblem(
+                stage1_ridge=pc.stage1_ridge, stage2_ridge=pc.stage2_ridge
+            )
+        else:
+            self.problem = IVProblem(head=head, outer_ridge=pc.stage2_ridge)
+        # Weight decays as the optimizers apply them (see IVProblemConfig.weight_decay_scale).
+        n_in, n_out = self._summed_samples()
+        wd_in, wd_out = (
+            self._weight_decay(mc.inner_weight_decay, n_in),
+            self._weight_decay(mc.outer_weight_decay, n_out),
+        )
+        wd_cov = self._weight_decay(mc.covariate_weight_decay, n_out)
+        #: the weight decays applied (inner, outer, covariate), after rescaling
+        self.weight_decays = {"inner": wd_in, "outer": wd_out, "covariate": wd_cov}
 
         self.estimator: HypergradientEstimator | None = None
         self.dfiv: DFIV | None = None
@@ -121,16 +143,10 @@ class IVTask(Task):
                     self.outer.treatment,
                     self.inner.features,
                     make_optimizer(
-                        mc.outer_optimizer,
-                        self.outer.treatment.parameters(),
-                        mc.outer_lr,
-                        mc.outer_weight_decay,
+                        mc.outer_optimizer, self.outer.treatment.parameters(), mc.outer_lr, wd_out
                     ),
                     make_optimizer(
-                        mc.inner_optimizer,
-                        self.inner.features.parameters(),
-                        mc.inner_lr,
-                        mc.inner_weight_decay,
+                        mc.inner_optimizer, self.inner.features.parameters(), mc.inner_lr, wd_in
                     ),
                     stage1_steps=mc.inner_steps,
                     stage2_steps=mc.stage2_steps,
@@ -140,33 +156,61 @@ class IVTask(Task):
                     covariate_optimizer=None
                     if covariate is None
                     else make_optimizer(
-                        mc.outer_optimizer,
-                        covariate.parameters(),
-                        mc.outer_lr,
-                        mc.covariate_weight_decay,
+                        mc.outer_optimizer, covariate.parameters(), mc.outer_lr, wd_cov
                     ),
                     covariate_steps=mc.covariate_steps,
                 )
+                self._match_adam_eps(self.dfiv.instrument_optimizer, n_in)
+                self._match_adam_eps(self.dfiv.treatment_optimizer, n_out)
+                if self.dfiv.covariate_optimizer is not None:
+                    self._match_adam_eps(self.dfiv.covariate_optimizer, n_out)
                 self.outer_optimizer = None
             else:
-                self.estimator = self._build_estimator(mc)
+                self.estimator = self._build_estimator(
+                    dataclasses.replace(mc, inner_weight_decay=wd_in)
+                )
                 covariate = self.outer.covariate
                 omega = list(self.outer.parameters())
                 if covariate is not None and mc.covariate_steps > 0:
                     self.covariate_optimizer = make_optimizer(
-                        mc.outer_optimizer,
-                        covariate.parameters(),
-                        mc.outer_lr,
-                        mc.covariate_weight_decay,
+                        mc.outer_optimizer, covariate.parameters(), mc.outer_lr, wd_cov
                     )
                     chi = {id(p) for p in covariate.parameters()}
                     omega = [p for p in omega if id(p) not in chi]
                 self.outer_optimizer = make_optimizer(
-                    mc.outer_optimizer, omega, mc.outer_lr, mc.outer_weight_decay
+                    mc.outer_optimizer, omega, mc.outer_lr, wd_out
                 )
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.iteration = 0
         self.elapsed = 0.0
+        #: linear solves that gave up so far (CG returned its start: no implicit term)
+        self.solver_gave_up_total = 0
+
+    def _summed_samples(self) -> tuple[int, int]:
+        """Samples the stage-1 and stage-2 losses of one step sum over in the reference code
+        (the batch sizes: the halves in the paper's full-batch protocol)."""
+        pc = self.config
+        n1 = next(iter(self.tensors.stage1.values())).shape[0]
+        n2 = next(iter(self.tensors.stage2.values())).shape[0]
+        b1 = n1 if pc.inner_batch_size is None else min(pc.inner_batch_size, n1)
+        b2 = n2 if pc.outer_batch_size is None else min(pc.outer_batch_size, n2)
+        return b1, b2
+
+    def _match_adam_eps(self, optimizer: torch.optim.Optimizer, summed: int) -> None:
+        """Divide Adam's ε by ``summed`` too when the settings are stated on sums: Adam's step
+        (g + wd·θ)/(√v + ε) on the sum-scale loss is then exactly the step on the mean loss
+        with wd/summed and ε/summed."""
+        if self.config.weight_decay_scale != "sum":
+            return
+        for group in optimizer.param_groups:
+            if "eps" in group and not getattr(optimizer, "_funcbo_eps_scaled", False):
+                group["eps"] = group["eps"] / summed
+        optimizer._funcbo_eps_scaled = True  # type: ignore[attr-defined]
+
+    def _weight_decay(self, value: float, summed: int) -> float:
+        """A config's weight decay as applied to funcbo's mean losses: ``value / summed`` when
+        it is stated on the reference's sum scale (``problem.weight_decay_scale: sum``)."""
+        return value / summed if self.config.weight_decay_scale == "sum" else value
 
     def _build_estimator(self, mc: IVMethodConfig) -> HypergradientEstimator:
         inner_solver = None
@@ -181,6 +225,9 @@ class IVTask(Task):
             inner_solver = RidgeHeadInnerSolver(
                 self.inner, feature_opt, mc.inner_steps, self.config.stage1_ridge
             )
+        if self.features_formulation:
+            # The FuncID authors' baselines: the inner variable is the feature network alone.
+            return build_estimator(mc, self.inner.features)
         return build_estimator(
             mc, self.inner, linear_head=self.inner.head, inner_solver=inner_solver
         )
@@ -229,15 +276,26 @@ class IVTask(Task):
             stats = self.dfiv.step(inner, self.outer_batch())
         else:
             assert self.estimator is not None and self.outer_optimizer is not None
-            inner = [self.inner_batch() for _ in range(self.estimator.inner_steps)]
+            inner = Batches(self.inner_batch() for _ in range(self.estimator.inner_steps))
             outer_batch = self.outer_batch()
             covariate = self.outer.covariate if self.covariate_optimizer is not None else None
+            # The feature formulation refits stage 1 inside the outer loss: the outer batch
+            # carries the (last) stage-1 batch too.
+            est_outer = (
+                feature_outer_batch(inner[-1], outer_batch)
+                if self.features_formulation
+                else outer_batch
+            )
             # χ has its own steps: keep it out of the hypergradient (and of the grad norm).
             with nullcontext() if covariate is None else frozen(covariate):
-                self.estimator.step(self.problem, self.outer, inner, outer_batch)
+                self.estimator.step(self.problem, self.outer, inner, est_outer)
             self.outer_optimizer.step()
             self.outer_optimizer.zero_grad(set_to_none=True)
             stats = dict(self.estimator.stats)
+            gave_up = sum(v for k, v in stats.items() if k.endswith("gave_up"))
+            if gave_up:
+                self.solver_gave_up_total += int(gave_up)
+            stats["solver_gave_up_total"] = float(self.solver_gave_up_total)
             if covariate is not None:
                 stats["covariate_loss"] = self._covariate_update(outer_batch)
         if self.device.type == "cuda":
@@ -272,6 +330,7 @@ class IVTask(Task):
             "outer": self.outer.state_dict(),
             "inner": self.inner.state_dict(),
             "generator": self.generator.get_state(),
+            "solver_gave_up_total": self.solver_gave_up_total,
         }
         if self.dfiv is not None:
             state["dfiv"] = self.dfiv.state_dict()
@@ -289,6 +348,7 @@ class IVTask(Task):
         self.outer.load_state_dict(state["outer"])
         self.inner.load_state_dict(state["inner"])
         self.generator.set_state(state["generator"])
+        self.solver_gave_up_total = int(state.get("solver_gave_up_total", 0))
         if self.dfiv is not None:
             self.dfiv.load_state_dict(state["dfiv"])
         else:
