@@ -161,3 +161,13 @@ def test_damaged_summary_is_named_as_such(capsys, tmp_path, config):
     rc, err = _run(capsys, *common)
     assert rc == 0 and rd.summary()["status"] == "finished"
     assert rd.summary()["final"]["beta_error"] == pytest.approx(final["beta_error"], rel=1e-12)
+
+
+def test_the_command_starts_without_importing_torch():
+    # `funcbo --help` and argument errors answer at once; torch loads when a run is built
+    import subprocess
+    import sys
+
+    code = "import sys, funcbo.cli; print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "False"

@@ -117,3 +117,29 @@ def test_every_public_name_has_a_docstring():
             if (inspect.isclass(obj) or inspect.isfunction(obj)) and not inspect.getdoc(obj):
                 missing.append(f"{modname}.{name}")
     assert not missing, f"public names without a docstring: {missing}"
+
+
+def test_make_installs_an_extra_with_tensorboard():
+    # the TensorBoard logging test must run under `make test`, not be skipped
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = extras["optional-dependencies"]
+    makefile = (ROOT / "Makefile").read_text()
+    installed = re.search(r"^EXTRAS \?= (.*)$", makefile, flags=re.M).group(1).split(",")
+    packages = [re.split(r"[<>=\[ ]", dep)[0] for e in installed for dep in extras[e]]
+    assert "tensorboard" in packages
+
+
+def test_readme_documents_the_data_cache_and_the_shared_reference_data(monkeypatch):
+    from funcbo.apps.iv.cache import cache_dir
+
+    readme = (ROOT / "README.md").read_text()
+    monkeypatch.delenv("FUNCBO_CACHE", raising=False)
+    home = Path.home()
+    assert "~/" + cache_dir().relative_to(home).as_posix() in readme
+    monkeypatch.setenv("FUNCBO_CACHE", "/somewhere")
+    assert cache_dir() == Path("/somewhere/iv") and "`$FUNCBO_CACHE/iv`" in readme
+    assert "../shared/data/" in readme
