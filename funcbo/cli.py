@@ -142,7 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo config end to end and print its report."""
     from funcbo.experiments.config import load_config, plan_runs
     from funcbo.experiments.report import make_report
-    from funcbo.experiments.runner import RunOptions, run_sweep
+    from funcbo.experiments.runner import RunOptions, prepare_run_dirs, run_sweep
 
     path = repo_root() / DEMO_CONFIG
     if not path.exists():
@@ -152,7 +152,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     runs = plan_runs(cfg)
     t0 = time.perf_counter()
-    print(f"demo: {len(runs)} runs of {cfg.experiment} -> {out}", file=sys.stderr)
+    print(f"demo: {plural(len(runs), 'run')} of {cfg.experiment} -> {out}", file=sys.stderr)
+    # The demo shows the current config: runs left by an older demo config are replaced.
+    replaced = prepare_run_dirs(runs, out, overwrite=True)
+    if replaced:
+        print(
+            f"demo: replaced {plural(len(replaced), 'run')} made with another config",
+            file=sys.stderr,
+        )
     opts = RunOptions.from_config(cfg)
     res = run_sweep(runs, out, workers=args.workers, options=opts, progress=not args.quiet)
     rep = make_report(out, iteration_label=_iteration_label(out))

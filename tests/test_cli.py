@@ -171,3 +171,19 @@ def test_the_command_starts_without_importing_torch():
     code = "import sys, funcbo.cli; print('torch' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "False"
+
+
+def test_demo_replaces_runs_left_by_another_demo_config(capsys, tmp_path, monkeypatch):
+    import funcbo.cli
+
+    root = tmp_path / "checkout"
+    (root / "configs").mkdir(parents=True)
+    demo = {**TINY, "name": "demo", "methods": {"lin": TINY["methods"]["lin"]}}
+    (root / "configs" / "demo.yaml").write_text(yaml.safe_dump(demo))
+    monkeypatch.setattr(funcbo.cli, "repo_root", lambda: root)
+    out = tmp_path / "demo_out"
+    assert _run(capsys, "demo", "--out", str(out), "--workers", "1", "--quiet")[0] == 0
+    (root / "configs" / "demo.yaml").write_text(yaml.safe_dump({**demo, "iterations": 6}))
+    rc, err = _run(capsys, "demo", "--out", str(out), "--workers", "1", "--quiet")
+    assert rc == 0 and "replaced 1 run made with another config" in err
+    assert RunDir(out / "lin/seed_0").summary()["iteration"] == 6
