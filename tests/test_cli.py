@@ -113,6 +113,12 @@ def test_changed_config_does_not_reuse_finished_runs(capsys, tmp_path, config):
     assert "--overwrite" in line and "--out" in line
     assert rd.config_path.read_text() == before and rd.summary()["iteration"] == 4
 
+    # A field added since the run was made, at its default value, is no difference.
+    stored = yaml.safe_load(before)
+    assert stored["methods"]["lin"].pop("damping") == 0.0
+    rd.write_config(yaml.safe_dump(stored))
+    rc, err = _run(capsys, *common)
+    assert rc == 0 and "1 already done" in err
     # How a run is executed (threads, checkpoints) is not what it computes: reused.
     rc, err = _run(capsys, *common, "--set", "threads=1", "--set", "checkpoint_every=3")
     assert rc == 0 and "1 already done" in err

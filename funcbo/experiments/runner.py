@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from funcbo.experiments.config import ExperimentConfig, PlannedRun, dump_yaml, to_plain
+from funcbo.experiments.config import (
+    ConfigError,
+    ExperimentConfig,
+    PlannedRun,
+    dump_yaml,
+    load_config_dict,
+    to_plain,
+)
 from funcbo.experiments.errors import DamagedRunError, ExperimentError, StaleRunError
 from funcbo.experiments.store import SWEEP, RunDir
 from funcbo.experiments.task import experiment_module, get_experiment
@@ -298,22 +305,35 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def config_differences(run: PlannedRun, rd: RunDir) -> list[str]:
-    """Dotted keys on which a run directory's ``config.yaml`` differs from ``run``'s config
-    (empty when they agree or the directory holds no config yet). Keys that only say how a run
-    is executed (:data:`EXECUTION_KEYS`) are ignored."""
+def _resolved_config(text: str, src: str) -> dict[str, Any]:
+    """A run's config.yaml as flat dotted keys, with every default filled in (so that a field
+    added since the run was made, at its default value, is no difference)."""
     import yaml
 
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a mapping")
+    header = data.pop("run", None)
+    resolved = load_config_dict(data, src=src).to_dict()
+    return _flatten({"run": header, **resolved})
+
+
+def config_differences(run: PlannedRun, rd: RunDir) -> list[str]:
+    """Dotted keys on which a run directory's ``config.yaml`` differs from ``run``'s config
+    (empty when they agree or the directory holds no config yet). Both are compared with their
+    defaults filled in; keys that only say how a run is executed (:data:`EXECUTION_KEYS`) are
+    ignored."""
     if not rd.config_path.exists():
         return []
-    want = _flatten(yaml.safe_load(run_config_text(run)))
+    want = _resolved_config(run_config_text(run), "the requested config")
     try:
-        have = _flatten(yaml.safe_load(rd.config_path.read_text()))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return [f"(unreadable {rd.config_path.name})"]
-    keys = sorted(
-        set(want) | set(have), key=lambda k: (list(want).index(k) if k in want else 1e9, k)
-    )
+        have = _resolved_config(rd.config_path.read_text(), str(rd.config_path))
+    except ConfigError as e:
+        return [f"(its config.yaml is no longer valid: {e})"]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return [f"(unreadable {rd.config_path.name}: {type(e).__name__})"]
+    order = {k: i for i, k in enumerate(want)}
+    keys = sorted(set(want) | set(have), key=lambda k: (order.get(k, len(order)), k))
     return [
         k
         for k in keys
@@ -367,14 +387,16 @@ def prepare_run_dirs(
             stale[run.run_id] = differing
     if stale and not overwrite:
         first, keys = next(iter(stale.items()))
-        import yaml
-
         rd = RunDir(out / first)
-        have = _flatten(yaml.safe_load(rd.config_path.read_text()) or {})
-        want = _flatten(yaml.safe_load(run_config_text(by_id[first])))
+        want = _resolved_config(run_config_text(by_id[first]), "the requested config")
+        try:
+            have = _resolved_config(rd.config_path.read_text(), str(rd.config_path))
+        except (OSError, UnicodeDecodeError, ValueError):
+            have = {}
         example = ", ".join(
             f"{k}: {_short(have.get(k, _MISSING))} there, {_short(want.get(k, _MISSING))} now"
             for k in keys[:3]
+            if k in want or k in have
         )
         all_keys = sorted({k for ks in stale.values() for k in ks})
         n = len(stale)
