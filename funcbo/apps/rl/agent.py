@@ -28,11 +28,11 @@ from funcbo.apps.rl.methods import (
     ModelFreeUpdater,
     Updater,
     build_bilevel,
+    make_optimizer,
 )
 from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, QOfAction, ValueEnsemble
 from funcbo.apps.rl.problem import SoftBellmanProblem
 from funcbo.apps.rl.replay import ReplayBuffer
-from funcbo.experiments.methods import make_optimizer
 
 #: window (in steps) of the environment-steps-per-second metric
 RATE_WINDOW = 200

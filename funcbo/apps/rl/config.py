@@ -121,7 +121,7 @@ class RLMethodConfig(MethodConfig):
     inner_steps: int = 1
     outer_lr: float = 1e-3
     adjoint_lr: float = 3e-4
-    adjoint_steps: int = 1
+    adjoint_steps: int = 5
     solver_iters: int = 10
     warm_opt: bool = False
     cg_damping: float = 1e-5

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -30,13 +30,27 @@ from funcbo.apps.rl.networks import EnsembleLinear, ScaledOutput, ValueEnsemble,
 from funcbo.apps.rl.problem import SoftBellmanProblem, with_target
 from funcbo.apps.rl.solution import BellmanSolution, NoInnerSteps, SolutionProblem, StateActionInput
 from funcbo.estimator import ImplicitEstimator
-from funcbo.experiments.methods import make_optimizer
+from funcbo.experiments.methods import make_optimizer as _make_optimizer
 from funcbo.functional import FuncID
 from funcbo.inner import InnerSolver
 from funcbo.linalg import CG, Identity
 from funcbo.parametric import AID
 
 Sampler = Callable[[], dict[str, Tensor]]
+
+
+def make_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """The experiment layer's optimizer, with Adam's fused kernel.
+
+    The networks here are a handful of small tensors, stepped once per environment step: the
+    per-tensor Python loop of the default Adam costs more than the arithmetic, and the fused
+    kernel does the same update in one call (numerically equal to rounding).
+    """
+    if name.lower() == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return _make_optimizer(name, params, lr, weight_decay)
 
 
 class Updater(ABC):
@@ -75,10 +89,15 @@ def q_step(
     return float(loss.detach()), pred.detach()
 
 
-def model_errors(model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
-    """Diagnostics of T_ω on real transitions: mean ‖ŝ′ − s′‖² and mean (r̂ − r)²."""
+def model_errors(
+    model: nn.Module, batch: dict[str, Any], outputs: tuple[Tensor, Tensor] | None = None
+) -> dict[str, float]:
+    """Diagnostics of T_ω on real transitions: mean ‖ŝ′ − s′‖² and mean (r̂ − r)².
+
+    ``outputs``: T_ω(s, a) on the batch, when already computed.
+    """
     with torch.no_grad():
-        ns, r = model(batch["obs"], batch["action"])
+        ns, r = model(batch["obs"], batch["action"]) if outputs is None else outputs
         return {
             "model_mse": float((ns - batch["next_obs"]).square().sum(1).mean()),
             "reward_mse": float((r - batch["reward"]).square().mean()),
@@ -151,8 +170,11 @@ class BilevelUpdater(Updater):
     def update(self, sample: Sampler) -> dict[str, float]:
         raw = sample()
         with torch.no_grad():  # the Q-steps need the model's targets, not their graph
-            batch = with_target(raw, self.target_q, self.problem, self.model)
-        errors = model_errors(self.model, batch)
+            outputs = self.model(raw["obs"], raw["action"])
+            batch = with_target(
+                raw, self.target_q, self.problem, self.model, real=False, model_outputs=outputs
+            )
+        errors = model_errors(self.model, raw, outputs)
         if not self.warm_opt:
             self._fresh_optimizers()
         q_loss = self.inner.run(self.problem, self.model, [batch])
@@ -391,6 +413,7 @@ __all__ = [
     "Updater",
     "bellman_error",
     "build_bilevel",
+    "make_optimizer",
     "model_errors",
     "q_step",
 ]

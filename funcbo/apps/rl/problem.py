@@ -132,7 +132,9 @@ class SoftBellmanProblem(BilevelProblem):
 
     # ------------------------------------------------------------------------ bilevel losses
     def inner_input(self, batch: Any) -> tuple[Tensor, Tensor]:
-        return batch["obs"], batch["action"]
+        # one tuple per batch: estimators recognise the same points by identity
+        x = batch.get(_INPUT)
+        return x if x is not None else (batch["obs"], batch["action"])
 
     def inner_loss(self, outer: nn.Module, pred: Tensor, batch: Any) -> Tensor:
         """½ Σ_k (pred_k − ŷ)² with the model's target ŷ."""
@@ -148,6 +150,7 @@ class SoftBellmanProblem(BilevelProblem):
 
 
 _CACHE = "_targets"
+_INPUT = "_inner_input"
 
 
 def _versions(params: list[Tensor]) -> tuple[int, ...]:
@@ -201,21 +204,33 @@ def with_target(
     target_q: nn.Module,
     problem: SoftBellmanProblem | None = None,
     model: nn.Module | None = None,
+    *,
+    real: bool = True,
+    model_outputs: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Any]:
     """The batch with the target network attached (the context both losses read).
 
-    With ``problem``, the real target y is computed once and cached; with ``model`` too, so is
-    the model's target ŷ (keeping its graph to ω, so hypergradients still reach the model). The
+    With ``problem``, the real target y is computed once and cached (unless ``real=False``);
+    with ``model`` too, so is the model's target ŷ (keeping its graph to ω, so hypergradients
+    still reach the model), from ``model_outputs`` = T_ω(s, a) when the caller has them. The
     cache is ignored as soon as a module or one of its parameters changes.
     """
     out: dict[str, Any] = dict(batch)
     out["target_q"] = target_q
+    out[_INPUT] = (batch["obs"], batch["action"])
     if problem is None:
         return out
     cache = _TargetCache(target_q, model, problem.next_value)
-    cache.y_real = problem.real_target(out)
+    if real:
+        cache.y_real = problem.real_target(out)
     if model is not None:
-        cache.y_model = problem.model_target(model, out)
+        if model_outputs is None:
+            cache.y_model = problem.model_target(model, out)
+        else:
+            ns, r = model_outputs
+            if problem.next_value == "real":
+                ns = out["next_obs"]
+            cache.y_model = problem.bellman_target(target_q, r, ns, out["not_done"])
     out[_CACHE] = cache
     return out
 

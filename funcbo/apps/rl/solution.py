@@ -29,6 +29,8 @@ from funcbo.apps.rl.problem import SoftBellmanProblem
 from funcbo.inner import InnerSolver
 from funcbo.problem import BilevelProblem
 
+_SOLUTION_INPUT = "_solution_input"
+
 
 class SolutionProblem(SoftBellmanProblem):
     """The RL problem whose inner model input also carries the bootstrap mask.
@@ -43,7 +45,11 @@ class SolutionProblem(SoftBellmanProblem):
         return cls(problem.gamma, problem.alpha, problem.target, problem.next_value)
 
     def inner_input(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-        return batch["obs"], batch["action"], batch["not_done"]
+        # one tuple per batch: estimators recognise the same points by identity
+        x = batch.get(_SOLUTION_INPUT)
+        if x is None:
+            x = batch[_SOLUTION_INPUT] = (batch["obs"], batch["action"], batch["not_done"])
+        return x
 
 
 class BellmanSolution(nn.Module):
