@@ -100,6 +100,12 @@ class NetworkAdjoint(Adjoint):
             steps move it along −g instead of from an arbitrary function); only used when
             ``model`` is None.
         warm_start: keep φ across outer iterations (True) or reset it before every solve.
+        holdout: fraction of the outer points held out of the fit (every ⌊1/holdout⌋-th one):
+            the adjoint keeps the iterate with the lowest J on them (the ½E_in[aᵀHa] term plus
+            the held-out linear term), i.e. early stopping. The outer term of J is a sample
+            average of ⟨g_j, a(x_j)⟩; a network that can separate the outer points (distinct
+            inputs) drives J down by fitting the noise in g_j instead of E[g | x], and the
+            held-out J is what detects it. 0 (default): no holdout, every step kept.
     """
 
     def __init__(
@@ -110,9 +116,13 @@ class NetworkAdjoint(Adjoint):
         *,
         init: str = "fresh",
         warm_start: bool = True,
+        holdout: float = 0.0,
     ) -> None:
         if steps < 1:
             raise ValueError(f"NetworkAdjoint needs steps ≥ 1, got {steps}")
+        if not 0.0 <= holdout < 1.0:
+            raise ValueError(f"NetworkAdjoint holdout must be in [0, 1), got {holdout}")
+        self.holdout = holdout
         if init not in ADJOINT_INITS:
             raise ValueError(f"init must be one of {ADJOINT_INITS}, got {init!r}")
         self.model = model
@@ -164,16 +174,35 @@ class NetworkAdjoint(Adjoint):
         values: list[float] = []
 
         same_points = prob.x_in is prob.x_out
+        x_fit, g_fit, x_val, g_val = prob.x_out, g, None, None
+        if self.holdout > 0:
+            if not isinstance(prob.x_out, Tensor):
+                raise TypeError("NetworkAdjoint(holdout=...) needs the outer inputs as a tensor")
+            m = g.shape[0]
+            val = torch.zeros(m, dtype=torch.bool, device=g.device)
+            val[:: max(2, int(1 / self.holdout))] = True
+            if int(val.sum()) == 0 or int((~val).sum()) == 0:
+                raise ValueError(f"holdout={self.holdout} leaves no point on one side of {m}")
+            x_fit, g_fit = prob.x_out[~val], g[~val]
+            x_val, g_val = prob.x_out[val], g[val]
+            same_points = False
+        best: tuple[float, int, dict[str, Tensor]] | None = None
+        step = 0
 
         def closure() -> Tensor:
+            nonlocal best
             A_in = _check_adjoint_out(model(prob.x_in), g, "adjoint network")
             # One forward pass when the inner and outer batches are the same points.
-            A_out = (
-                A_in if same_points else _check_adjoint_out(model(prob.x_out), g, "adjoint network")
-            )
+            A_out = A_in if same_points else _check_adjoint_out(model(x_fit), g, "adjoint network")
             HA = prob.hessian.matvec(A_in.detach())
-            lin = (A_out * g).sum(1).mean()
+            lin = (A_out * g_fit).sum(1).mean()
             quad = (A_in * HA).sum(1).mean()
+            if x_val is not None:
+                # J on the held-out points at the current weights (before this step).
+                with torch.no_grad():
+                    j_val = float(0.5 * quad + (model(x_val) * g_val).sum(1).mean())
+                if best is None or j_val < best[0]:
+                    best = (j_val, step, copy.deepcopy(model.state_dict()))
             # ⟨a, sg(Ha)⟩ has gradient ∂aᵀHa, that of ½⟨a, Ha⟩; its value is not J.
             grads = torch.autograd.grad(quad + lin, params)
             all_reduce_mean_(grads)
@@ -186,11 +215,24 @@ class NetworkAdjoint(Adjoint):
         for _ in range(self.steps):
             opt.step(closure)
             opt.zero_grad(set_to_none=True)
+            step += 1
+        holdout_stats: dict[str, float] = {}
+        if x_val is not None and best is not None:
+            with torch.no_grad():
+                A_in = model(prob.x_in)
+                j_last = float(
+                    adjoint_objective(A_in, prob.hessian.matvec(A_in), model(x_val), g_val)
+                )
+            if j_last < best[0]:
+                best = (j_last, step, {})
+            elif best[2]:
+                model.load_state_dict(best[2])
+            holdout_stats = {"adjoint_holdout_loss": best[0], "adjoint_best_step": float(best[1])}
         with torch.no_grad():
             A_in = model(prob.x_in)
-            A_out = A_in if same_points else model(prob.x_out)
+            A_out = A_in if prob.x_in is prob.x_out else model(prob.x_out)
             J = adjoint_objective(A_in, prob.hessian.matvec(A_in), A_out, g)
-        self.stats = {"adjoint_loss": float(J), "adjoint_loss_first": values[0]}
+        self.stats = {"adjoint_loss": float(J), "adjoint_loss_first": values[0], **holdout_stats}
         return A_in.detach()
 
     def state_dict(self) -> dict[str, Any]:

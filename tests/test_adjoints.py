@@ -211,3 +211,46 @@ def test_linear_adjoint_on_an_embedding_uses_one_hot_features():
 def test_linear_adjoint_without_linear_or_embedding_says_what_to_do():
     with pytest.raises(ValueError, match="nn.Linear or nn.Embedding.*head=.*NetworkAdjoint"):
         LinearAdjoint().bind(nn.Sequential(nn.Tanh()))
+
+
+def test_network_adjoint_holdout_stops_before_fitting_noise():
+    # Outer gradients that are pure noise (E[g | x] = 0) at distinct inputs: the best adjoint is
+    # a = 0 (J = 0). Fitting the sample drives the fitted J below 0 and the held-out J above it;
+    # with a holdout the adjoint keeps the iterate with the lowest held-out J.
+    from funcbo.adjoints import AdjointProblem, NetworkAdjoint
+    from funcbo.linalg import OutputHessian
+
+    torch.manual_seed(0)
+    x_in = torch.randn(64, 5, dtype=torch.float64)
+    x_out = torch.randn(200, 5, dtype=torch.float64)
+    g = torch.randn(200, 1, dtype=torch.float64)
+    hess = OutputHessian.scaled_identity(1.0, torch.zeros(64, 1, dtype=torch.float64))
+    x_test, g_test = torch.randn(1000, 5, dtype=torch.float64), torch.randn(1000, 1).double()
+
+    def test_j(model):  # J on fresh points, the same points for both terms
+        with torch.no_grad():
+            a = model(x_test)
+            return float(0.5 * (a**2).sum(1).mean() + (a * g_test).mean())
+
+    results = {}
+    for holdout in (0.0, 0.2):
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(5, 128), torch.nn.Tanh(), torch.nn.Linear(128, 1)
+        ).double()
+        with torch.no_grad():
+            net[2].weight.zero_()
+            net[2].bias.zero_()
+        adj = NetworkAdjoint(net, torch.optim.Adam(net.parameters(), lr=1e-2), 300, holdout=holdout)
+        adj.solve(AdjointProblem(x_in, x_out, hess, g))
+        results[holdout] = (test_j(net), adj.stats)
+    (j_all, stats_all), (j_held, stats_held) = results[0.0], results[0.2]
+    assert stats_all["adjoint_loss"] < -0.1  # the sample's J: the noise is fitted ...
+    assert j_all > 0.05  # ... and on fresh points the adjoint is worse than a = 0
+    # With a holdout it keeps an early iterate, never worse than the start (a = 0, J = 0) on
+    # the held-out points, and far better than the full fit on fresh points.
+    assert stats_held["adjoint_holdout_loss"] <= 0.0
+    assert stats_held["adjoint_best_step"] < 300
+    assert j_held < 0.2 * j_all
+    with pytest.raises(ValueError, match="holdout"):
+        NetworkAdjoint(holdout=1.0)

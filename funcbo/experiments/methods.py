@@ -34,8 +34,8 @@ class MethodConfig:
             ``aid``, ``itd``, ``gradient_penalty``, ``value_penalty``, or an application's own.
         inner_optimizer, inner_lr, inner_steps, inner_weight_decay: the inner θ-steps.
         outer_optimizer, outer_lr, outer_weight_decay: the outer step on ω.
-        adjoint_optimizer, adjoint_lr, adjoint_weight_decay, adjoint_steps, adjoint_init: the
-            network adjoint (FuncID).
+        adjoint_optimizer, adjoint_lr, adjoint_weight_decay, adjoint_steps, adjoint_init,
+            adjoint_holdout: the network adjoint (FuncID; see :class:`funcbo.NetworkAdjoint`).
         ridge: ridge of the closed-form linear adjoint (relative to the feature scale).
         solver, solver_iters, neumann_lr: AID's linear solver (``cg``, ``neumann``, ``identity``).
         damping: CG solves (H + damping·I) v = b: keeps AID stable when the parameter-space
@@ -60,6 +60,7 @@ class MethodConfig:
     adjoint_weight_decay: float = 0.0
     adjoint_steps: int = 10
     adjoint_init: str = "fresh"
+    adjoint_holdout: float = 0.0
     ridge: float = 1e-6
     solver: str = "cg"
     solver_iters: int = 10
@@ -131,6 +132,7 @@ def build_estimator(
             ),
             cfg.adjoint_steps,
             init=cfg.adjoint_init,
+            holdout=cfg.adjoint_holdout,
         )
         return FuncID(inner_model, inner_opt, cfg.inner_steps, adjoint, inner_solver=inner_solver)
     if kind == "funcid_linear":
