@@ -293,7 +293,7 @@ def _record_failure(
 
 
 #: config keys that say how a run is executed, not what it computes (ignored when comparing)
-EXECUTION_KEYS = frozenset({"name", "threads", "tensorboard", "checkpoint_every"})
+EXECUTION_KEYS = ("checkpoint_every", "name", "tensorboard", "threads")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
