@@ -36,7 +36,8 @@ class MethodConfig:
         outer_optimizer, outer_lr, outer_weight_decay: the outer step on ω.
         adjoint_optimizer, adjoint_lr, adjoint_weight_decay, adjoint_steps, adjoint_init,
             adjoint_holdout: the network adjoint (FuncID; see :class:`funcbo.NetworkAdjoint`).
-        ridge: ridge of the closed-form linear adjoint (relative to the feature scale).
+        ridge, ridge_relative: ridge of the closed-form linear adjoint, relative to the feature
+            scale (default) or absolute (``ridge_relative: false``).
         solver, solver_iters, neumann_lr: AID's linear solver (``cg``, ``neumann``, ``identity``).
         damping: CG solves (H + damping·I) v = b: keeps AID stable when the parameter-space
             Hessian of an over-parameterised inner network is singular or indefinite.
@@ -62,6 +63,7 @@ class MethodConfig:
     adjoint_init: str = "fresh"
     adjoint_holdout: float = 0.0
     ridge: float = 1e-6
+    ridge_relative: bool = True
     solver: str = "cg"
     solver_iters: int = 10
     neumann_lr: float = 0.1
@@ -136,7 +138,7 @@ def build_estimator(
         )
         return FuncID(inner_model, inner_opt, cfg.inner_steps, adjoint, inner_solver=inner_solver)
     if kind == "funcid_linear":
-        adjoint_lin = LinearAdjoint(cfg.ridge, head=linear_head)
+        adjoint_lin = LinearAdjoint(cfg.ridge, head=linear_head, relative=cfg.ridge_relative)
         return FuncID(
             inner_model, inner_opt, cfg.inner_steps, adjoint_lin, inner_solver=inner_solver
         )

@@ -23,9 +23,9 @@ method               authors' code                         funcbo (as applied to
 ===================  ====================================  =====================================
 FuncID linear        inner: CompositeSolver, 20 Adam steps  ``inner_solver: ridge_head``, 20 Adam
                      lr 1e-3 wd 0.1 on the features (sum);  steps lr 1e-3 wd 0.1/2500 ε 1e-8/2500;
-                     closed-form dual, ridge lam_V = 0.2;   LinearAdjoint ridge 0.2 (relative, ≈ 1
-                     outer Adam lr 1e-3 wd 0.1 (sum)        for these features); outer lr 1e-3 wd
-                                                            0.1/2500
+                     closed-form dual, ridge lam_V = 0.2;   LinearAdjoint ridge 0.2 absolute
+                     outer Adam lr 1e-3 wd 0.1 (sum)        ``ridge_relative: false``, the same
+                                                            system); outer lr 1e-3 wd 0.1/2500
 FuncID (network)     dual: DualNetwork = copy of the inner  ``adjoint_init: inner``, Adam lr 1e-5,
                      network, 20 Adam steps lr 1e-5 wd 0.1  wd 0.1 (not rescaled: both adjoint
                      on a *mean* objective (no ½); inner    objectives are means); inner and outer
@@ -307,7 +307,11 @@ def _paper() -> dict[str, IVMethodConfig]:
             **common,
         ),
         "funcid_linear": IVMethodConfig(
-            kind="funcid_linear", inner_solver="ridge_head", ridge=0.2, **common
+            kind="funcid_linear",
+            inner_solver="ridge_head",
+            ridge=0.2,
+            ridge_relative=False,
+            **common,
         ),
         "dfiv": IVMethodConfig(kind="dfiv", stage2_steps=1, **common),
         "aid": IVMethodConfig(
