@@ -149,14 +149,18 @@ def test_rescaled_weight_decay_takes_the_reference_adam_steps(tiny) -> None:  # 
     cfg, data = tiny
     task = task_for("dfiv", cfg, data)  # the authors' weight decay, 0.1, on both networks
     n1, n2 = task.tensors.stage1["t"].shape[0], task.tensors.stage2["y"].shape[0]
-    assert task.weight_decays["inner"] == pytest.approx(0.1 / n1)
-    assert task.weight_decays["outer"] == pytest.approx(0.1 / n2)
+    assert task.dfiv is not None
+    stage1 = task.dfiv.instrument_optimizer.param_groups[0]
+    stage2 = task.dfiv.treatment_optimizer.param_groups[0]
+    assert stage1["weight_decay"] == pytest.approx(0.1 / n1) and stage1["eps"] == 1e-8 / n1
+    assert stage2["weight_decay"] == pytest.approx(0.1 / n2) and stage2["eps"] == 1e-8 / n2
     d1, d2 = _stage_differences(task, cfg.stage1_ridge, cfg.stage2_ridge)
     assert d1 <= 1e-6 and d2 <= 1e-6
     # Applied as written to the mean losses, the same weight decay takes other steps.
     cfg_mean = IVProblemConfig(**{**cfg.__dict__, "weight_decay_scale": "mean"})
     task_mean = task_for("dfiv", cfg_mean, data)
-    assert task_mean.weight_decays["inner"] == 0.1
+    assert task_mean.dfiv is not None
+    assert task_mean.dfiv.instrument_optimizer.param_groups[0]["weight_decay"] == 0.1
     d1, d2 = _stage_differences(task_mean, cfg.stage1_ridge, cfg.stage2_ridge)
     assert d1 > 1e-5 and d2 > 1e-5
 
@@ -210,6 +214,25 @@ def _train_feature_baseline(kind: str, outer_lr: float) -> tuple[list[float], li
         losses.append(est.stats["outer_loss"])
         norms.append(est.stats["grad_norm"])
     return losses, norms
+
+
+@pytest.mark.parametrize("kind", ["funcid_linear", "aid", "gradient_penalty", "value_penalty"])
+def test_every_optimizer_is_converted_to_the_mean_scale(kind: str, tiny) -> None:  # type: ignore[no-untyped-def]
+    cfg, data = tiny
+    task = task_for(kind, cfg, data)
+    n = task.tensors.stage1["t"].shape[0]  # both halves have n points here
+    est = task.estimator
+    opts = [
+        task.outer_optimizer,
+        *(getattr(est, s).optimizer for s in ("inner", "value") if hasattr(est, s)),
+    ]
+    wds = [paper_method(kind).outer_weight_decay] + [paper_method(kind).inner_weight_decay] * (
+        len(opts) - 1
+    )
+    for opt, wd in zip(opts, wds, strict=True):
+        assert opt is not None
+        group = opt.param_groups[0]
+        assert group["weight_decay"] == pytest.approx(wd / n) and group["eps"] == 1e-8 / n
 
 
 @pytest.mark.parametrize("kind", ["aid", "itd"])

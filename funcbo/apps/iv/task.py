@@ -23,7 +23,6 @@ from :meth:`IVTask.state_dict` continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -101,16 +100,10 @@ class IVTask(Task):
             )
         else:
             self.problem = IVProblem(head=head, outer_ridge=pc.stage2_ridge)
-        # Weight decays as the optimizers apply them (see IVProblemConfig.weight_decay_scale).
+        # Optimizer settings are stated on the reference's sum scale (IVProblemConfig.
+        # weight_decay_scale): each optimizer is converted to the mean losses by the number of
+        # samples its loss sums over.
         n_in, n_out = self._summed_samples()
-        wd_in, wd_out = (
-            self._weight_decay(mc.inner_weight_decay, n_in),
-            self._weight_decay(mc.outer_weight_decay, n_out),
-        )
-        wd_cov = self._weight_decay(mc.covariate_weight_decay, n_out)
-        #: the weight decays applied (inner, outer, covariate), after rescaling
-        self.weight_decays = {"inner": wd_in, "outer": wd_out, "covariate": wd_cov}
-
         self.estimator: HypergradientEstimator | None = None
         self.dfiv: DFIV | None = None
         self.covariate_optimizer: torch.optim.Optimizer | None = None
@@ -142,11 +135,23 @@ class IVTask(Task):
                 self.dfiv = DFIV(
                     self.outer.treatment,
                     self.inner.features,
-                    make_optimizer(
-                        mc.outer_optimizer, self.outer.treatment.parameters(), mc.outer_lr, wd_out
+                    self._to_mean_scale(
+                        make_optimizer(
+                            mc.outer_optimizer,
+                            self.outer.treatment.parameters(),
+                            mc.outer_lr,
+                            mc.outer_weight_decay,
+                        ),
+                        n_out,
                     ),
-                    make_optimizer(
-                        mc.inner_optimizer, self.inner.features.parameters(), mc.inner_lr, wd_in
+                    self._to_mean_scale(
+                        make_optimizer(
+                            mc.inner_optimizer,
+                            self.inner.features.parameters(),
+                            mc.inner_lr,
+                            mc.inner_weight_decay,
+                        ),
+                        n_in,
                     ),
                     stage1_steps=mc.inner_steps,
                     stage2_steps=mc.stage2_steps,
@@ -155,30 +160,43 @@ class IVTask(Task):
                     covariate=covariate,
                     covariate_optimizer=None
                     if covariate is None
-                    else make_optimizer(
-                        mc.outer_optimizer, covariate.parameters(), mc.outer_lr, wd_cov
+                    else self._to_mean_scale(
+                        make_optimizer(
+                            mc.outer_optimizer,
+                            covariate.parameters(),
+                            mc.outer_lr,
+                            mc.covariate_weight_decay,
+                        ),
+                        n_out,
                     ),
                     covariate_steps=mc.covariate_steps,
                 )
-                self._match_adam_eps(self.dfiv.instrument_optimizer, n_in)
-                self._match_adam_eps(self.dfiv.treatment_optimizer, n_out)
-                if self.dfiv.covariate_optimizer is not None:
-                    self._match_adam_eps(self.dfiv.covariate_optimizer, n_out)
                 self.outer_optimizer = None
             else:
-                self.estimator = self._build_estimator(
-                    dataclasses.replace(mc, inner_weight_decay=wd_in)
-                )
+                self.estimator = self._build_estimator(mc)
+                # The estimator's own optimizers: inner steps (and a value penalty's value
+                # network) descend stage-1 losses.
+                for solver in (getattr(self.estimator, n, None) for n in ("inner", "value")):
+                    opt = getattr(solver, "optimizer", None)
+                    if opt is not None:
+                        self._to_mean_scale(opt, n_in)
                 covariate = self.outer.covariate
                 omega = list(self.outer.parameters())
                 if covariate is not None and mc.covariate_steps > 0:
-                    self.covariate_optimizer = make_optimizer(
-                        mc.outer_optimizer, covariate.parameters(), mc.outer_lr, wd_cov
+                    self.covariate_optimizer = self._to_mean_scale(
+                        make_optimizer(
+                            mc.outer_optimizer,
+                            covariate.parameters(),
+                            mc.outer_lr,
+                            mc.covariate_weight_decay,
+                        ),
+                        n_out,
                     )
                     chi = {id(p) for p in covariate.parameters()}
                     omega = [p for p in omega if id(p) not in chi]
-                self.outer_optimizer = make_optimizer(
-                    mc.outer_optimizer, omega, mc.outer_lr, wd_out
+                self.outer_optimizer = self._to_mean_scale(
+                    make_optimizer(mc.outer_optimizer, omega, mc.outer_lr, mc.outer_weight_decay),
+                    n_out,
                 )
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.iteration = 0
@@ -196,21 +214,19 @@ class IVTask(Task):
         b2 = n2 if pc.outer_batch_size is None else min(pc.outer_batch_size, n2)
         return b1, b2
 
-    def _match_adam_eps(self, optimizer: torch.optim.Optimizer, summed: int) -> None:
-        """Divide Adam's ε by ``summed`` too when the settings are stated on sums: Adam's step
-        (g + wd·θ)/(√v + ε) on the sum-scale loss is then exactly the step on the mean loss
-        with wd/summed and ε/summed."""
-        if self.config.weight_decay_scale != "sum":
-            return
-        for group in optimizer.param_groups:
-            if "eps" in group and not getattr(optimizer, "_funcbo_eps_scaled", False):
-                group["eps"] = group["eps"] / summed
-        optimizer._funcbo_eps_scaled = True  # type: ignore[attr-defined]
-
-    def _weight_decay(self, value: float, summed: int) -> float:
-        """A config's weight decay as applied to funcbo's mean losses: ``value / summed`` when
-        it is stated on the reference's sum scale (``problem.weight_decay_scale: sum``)."""
-        return value / summed if self.config.weight_decay_scale == "sum" else value
+    def _to_mean_scale(
+        self, optimizer: torch.optim.Optimizer, summed: int
+    ) -> torch.optim.Optimizer:
+        """Convert an optimizer configured for a loss summed over ``summed`` samples to the
+        mean loss (``problem.weight_decay_scale: sum``): weight decay and Adam's ε divided by
+        ``summed``. Adam's step (g + wd·θ)/(√v + ε) on the sum is then exactly the step on the
+        mean; coupled weight decay alone is not scale-invariant. Returns the optimizer."""
+        if self.config.weight_decay_scale == "sum":
+            for group in optimizer.param_groups:
+                for key in ("weight_decay", "eps"):
+                    if key in group:
+                        group[key] = group[key] / summed
+        return optimizer
 
     def _build_estimator(self, mc: IVMethodConfig) -> HypergradientEstimator:
         inner_solver = None
