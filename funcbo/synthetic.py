@@ -372,13 +372,15 @@ class LinearIV:
         means = torch.zeros(self.K, self.q, dtype=self.dtype).index_add(0, self.k_in, t)
         means /= torch.bincount(self.k_in, minlength=self.K).to(self.dtype)[:, None]
         A = torch.cat([means[self.k_out], torch.ones(len(self.k_out), 1, dtype=self.dtype)], 1)
-        return torch.linalg.lstsq(A, self.outer_data["y"]).solution[:, 0]
+        # QR without pivoting ("gels"): the default "gelsy" (MKL) can round the last bit
+        # differently from one call to the next, so runs in two processes would disagree.
+        return torch.linalg.lstsq(A, self.outer_data["y"], driver="gels").solution[:, 0]
 
     def ols(self) -> Tensor:
         """Ordinary least squares of y on t (biased by the confounder)."""
         t = self.outer_data["t"]
         A = torch.cat([t, torch.ones(len(t), 1, dtype=self.dtype)], 1)
-        return torch.linalg.lstsq(A, self.outer_data["y"]).solution[:, 0]
+        return torch.linalg.lstsq(A, self.outer_data["y"], driver="gels").solution[:, 0]
 
     def truth(self) -> Tensor:
         return torch.cat([self.beta_true, torch.tensor([self.b_true], dtype=self.dtype)])
