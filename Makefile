@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= experiments,bench,dev,tensorboard
+EXTRAS ?= experiments,bench,dev,tensorboard,ray
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 

@@ -36,6 +36,7 @@ MODULES = [
     ("funcbo.experiments.task", "tasks and the experiment registry"),
     ("funcbo.experiments.trainer_task", "Trainer-based tasks"),
     ("funcbo.experiments.runner", "runs and sweeps"),
+    ("funcbo.experiments.executors", "executors: local processes, Ray"),
     ("funcbo.experiments.errors", "errors of the experiment layer"),
     ("funcbo.experiments.store", "the run store"),
     ("funcbo.experiments.report", "reports"),

@@ -2,6 +2,7 @@
 
     funcbo run CONFIG [--set key=value ...] [--methods a,b] [--seeds 0-19] [--workers N] [--out DIR]
                [--overwrite] [--restart RUN ...]
+               [--executor ray [--address ADDR] [--ray-results shared|driver]]
     funcbo report DIR [--out DIR] [--name NAME] [--preamble FILE]
     funcbo demo [--workers N] [--out DIR]
     funcbo list
@@ -63,8 +64,10 @@ def plural(n: int, word: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a config's methods × seeds (skipping finished runs, resuming interrupted ones)."""
     from funcbo.experiments.config import load_config, parse_seeds, plan_runs
+    from funcbo.experiments.executors import make_executor
     from funcbo.experiments.runner import RunOptions, prepare_run_dirs, run_sweep
 
+    _check_executor_args(args)
     cfg = load_config(args.config, args.set)
     seeds = None
     if args.seeds is not None:
@@ -84,7 +87,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: exists and is not a directory")
     # Checked before any run starts: a stale or unknown run stops the command with one line.
     prepare_run_dirs(runs, out, overwrite=args.overwrite, restart=args.restart)
-    res = run_sweep(runs, out, workers=args.workers, options=opts, progress=not args.quiet)
+    executor = make_executor(
+        args.executor,
+        workers=args.workers or 1,
+        address=args.address,
+        results=args.ray_results or "shared",
+    )
+    try:
+        res = run_sweep(runs, out, options=opts, progress=not args.quiet, executor=executor)
+    finally:
+        executor.close()
     print(
         f"{len(res.finished)} finished, {len(res.skipped)} already done, {len(res.failed)} failed "
         f"in {res.wall_time_s:.1f} s",
@@ -95,6 +107,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"  FAILED {run_id}: {err} (traceback in {out / run_id / 'error.txt'})", file=sys.stderr
         )
     return 0 if res.ok else 1
+
+
+def _check_executor_args(args: argparse.Namespace) -> None:
+    """Options that belong to one executor are errors with the other."""
+    if args.executor == "ray":
+        from funcbo.experiments.executors import ray_available
+
+        if not ray_available():
+            raise UsageError(
+                "--executor ray needs Ray, which is not installed: pip install 'funcbo[ray]'"
+            )
+        if args.workers is not None:
+            raise UsageError(
+                "--workers: with --executor ray, the cluster runs as many runs at once as its "
+                "resources allow (each run asks for the config's resources.cpus and .gpus)"
+            )
+        return
+    for flag, value in (("--address", args.address), ("--ray-results", args.ray_results)):
+        if value:
+            raise UsageError(f"{flag} needs --executor ray")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -199,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--methods", help="comma-separated subset of the config's methods")
     run.add_argument("--seeds", help="seeds, e.g. 0-19 or 0,3,5 (default: the config's)")
-    run.add_argument("--workers", type=_positive_int, default=1, help="runs in parallel processes")
+    run.add_argument(
+        "--workers", type=_positive_int, default=None, help="runs in parallel local processes"
+    )
     run.add_argument("--out", help="output directory (default: runs/<config name>)")
     run.add_argument(
         "--overwrite",
@@ -214,6 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="delete run RUN (e.g. funcid/seed_0) and start it again from scratch, e.g. after a "
         "damaged checkpoint (repeatable)",
+    )
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where runs execute: local processes (default) or tasks on a Ray cluster "
+        "(pip install 'funcbo[ray]'), each asking for the config's resources",
+    )
+    run.add_argument(
+        "--address",
+        help="Ray cluster to use (auto, HOST:6379 or ray://HOST:10001; default: RAY_ADDRESS, "
+        "a cluster started with `ray start` on this machine, else a local one for this sweep)",
+    )
+    run.add_argument(
+        "--ray-results",
+        choices=("shared", "driver"),
+        default=None,
+        help="shared (default): tasks write run directories under --out, which must be the same "
+        "path on every machine; driver: tasks send their run directories back to be written here",
     )
     run.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     run.add_argument("--quiet", action="store_true", help="no progress output")

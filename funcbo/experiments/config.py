@@ -12,6 +12,7 @@ A config file names a registered experiment and holds its sections::
       funcid_linear: {kind: funcid_linear, inner_lr: 1.0e-3}
     grid:                            # optional: dotted key -> values, crossed with methods
       methods.*.inner_lr: [3.0e-4, 1.0e-3]
+    resources: {cpus: 1, gpus: 0}    # optional: what each run asks of a Ray cluster
 
 Every value is checked against the dataclass field's type: an unknown key, a wrong type or a
 missing required value raises :class:`ConfigError` naming the key and the file. ``--set`` overrides
@@ -49,6 +50,20 @@ def _yaml() -> Any:
 
 
 @dataclass
+class Resources:
+    """What one run asks of a cluster when a sweep runs on Ray (``funcbo run --executor ray``).
+
+    Attributes:
+        cpus: CPU cores per run (fractions allowed); also the run's torch threads when the
+            config sets no ``threads``.
+        gpus: GPUs per run (fractions share a device); Ray sets ``CUDA_VISIBLE_DEVICES``.
+    """
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+@dataclass
 class ExperimentConfig:
     """The validated content of a config file.
 
@@ -66,6 +81,8 @@ class ExperimentConfig:
         problem: the experiment's problem section (its own dataclass).
         methods: method name -> the experiment's method dataclass.
         grid: dotted key -> list of values; every combination is a variant of every method.
+        resources: CPUs and GPUs each run requests from a Ray cluster (how a run is executed,
+            not what it computes).
     """
 
     experiment: str
@@ -82,6 +99,7 @@ class ExperimentConfig:
     threads: int | None = None
     tensorboard: bool = False
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
     source: str = field(default="<dict>", init=False, repr=False, compare=False)
 
     def spec(self) -> ExperimentSpec:
@@ -392,6 +410,10 @@ def _check_ranges(cfg: ExperimentConfig, src: str) -> None:
         raise ConfigError(f"{src}: seeds: at least one seed is needed")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"{src}: threads: must be ≥ 1, got {cfg.threads}")
+    if not cfg.resources.cpus > 0:
+        raise ConfigError(f"{src}: resources.cpus: must be > 0, got {cfg.resources.cpus}")
+    if not cfg.resources.gpus >= 0:
+        raise ConfigError(f"{src}: resources.gpus: must be ≥ 0, got {cfg.resources.gpus}")
     for name, m in cfg.methods.items():
         kinds_known = cfg.spec().kinds
         if isinstance(m, MethodConfig) and m.kind not in kinds_known:
@@ -516,6 +538,7 @@ __all__ = [
     "ConfigError",
     "ExperimentConfig",
     "PlannedRun",
+    "Resources",
     "apply_overrides",
     "build_dataclass",
     "dump_yaml",

@@ -6,17 +6,15 @@ task's state and every random generator), logs metrics, evaluates periodically a
 atomically. Killed at any point (even by SIGKILL), the run resumes and ends with the same final
 metrics as an uninterrupted run with the same seed.
 
-:func:`run_sweep` runs many of them, ``workers`` at a time in separate processes, with an overall
-progress bar and per-run progress; a failing run leaves its traceback in its directory and does
-not stop the others.
+:func:`run_sweep` runs many of them on an executor (see :mod:`funcbo.experiments.executors`):
+``workers`` at a time in local processes by default, or as tasks on a Ray cluster; with an
+overall progress bar (finished / running / failed) and per-run progress. A failing run leaves
+its traceback in its directory and does not stop the others.
 """
 
 from __future__ import annotations
 
-import importlib
-import multiprocessing as mp
 import os
-import queue
 import random
 import sys
 import time
@@ -24,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,9 +37,12 @@ from funcbo.experiments.config import (
 )
 from funcbo.experiments.errors import DamagedRunError, ExperimentError, StaleRunError
 from funcbo.experiments.store import SWEEP, RunDir
-from funcbo.experiments.task import experiment_module, get_experiment
+from funcbo.experiments.task import get_experiment
 from funcbo.io import atomic_write_json
 from funcbo.trainer import TensorBoardLogger
+
+if TYPE_CHECKING:
+    from funcbo.experiments.executors import Executor
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -292,8 +293,26 @@ def _record_failure(
     )
 
 
+def record_lost_run(out: str | Path, run: PlannedRun, reason: str) -> None:
+    """Record a run whose process ended without reporting (killed, crashed, a lost Ray task):
+    ``error.txt`` holds ``reason``, and a failed summary keeps the progress the run had made."""
+    rd = RunDir(Path(out) / run.run_id)
+    prev = _safe_summary(rd)
+    rd.path.mkdir(parents=True, exist_ok=True)
+    rd.write_error(reason + "\n")
+    rd.write_summary(
+        {
+            **_summary_base(run),
+            **{k: prev.get(k) for k in ("iteration", "wall_time_s")},
+            "status": "failed",
+            "final": {},
+            "error": reason,
+        }
+    )
+
+
 #: config keys that say how a run is executed, not what it computes (ignored when comparing)
-EXECUTION_KEYS = ("checkpoint_every", "name", "tensorboard", "threads")
+EXECUTION_KEYS = ("checkpoint_every", "name", "resources", "tensorboard", "threads")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -426,31 +445,20 @@ class SweepResult:
         return not self.failed
 
 
-def _worker(run: PlannedRun, out: str, options: RunOptions, q: Any, module: str) -> None:
-    importlib.import_module(module)
-
-    def report(run_id: str, it: int, total: int) -> None:
-        if it == total or it % max(1, total // 200) == 0:
-            q.put(("progress", run_id, it, total))
-
-    try:
-        summary = execute_run(run, out, options, report)
-        q.put(("done", run.run_id, bool(summary.get("skipped")), ""))
-    except BaseException as e:
-        q.put(("failed", run.run_id, False, f"{type(e).__name__}: {e}"))
-        sys.exit(1)
-
-
 class _Progress:
-    """Overall bar (runs done, ETA) plus one bar per active run; plain lines without a TTY."""
+    """The sweep's :class:`~funcbo.experiments.executors.SweepEvents`: fills the
+    :class:`SweepResult` and shows an overall bar (runs done, ETA; finished / running / failed)
+    plus one bar per running run; plain lines without a TTY."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, result: SweepResult | None = None) -> None:
         self.total = total
         self.enabled = enabled
+        self.result = result if result is not None else SweepResult()
         self.tty = enabled and sys.stderr.isatty()
         self.done = 0
         self.t0 = time.perf_counter()
         self.last_print = 0.0
+        self.running: set[str] = set()
         self.runs: dict[str, tuple[int, int]] = {}
         self._bars: dict[str, Any] = {}
         self._overall: Any = None
@@ -465,7 +473,26 @@ class _Progress:
             except ImportError:
                 self.tty = False
 
-    def update(self, run_id: str, it: int, total: int) -> None:
+    def counts(self) -> str:
+        """``3 finished, 2 running, 1 failed`` (runs finished before the sweep count as
+        finished)."""
+        r = self.result
+        return (
+            f"{len(r.finished) + len(r.skipped)} finished, {len(self.running)} running, "
+            f"{len(r.failed)} failed"
+        )
+
+    def _postfix(self) -> None:
+        if self._overall is not None:
+            self._overall.set_postfix_str(self.counts(), refresh=True)
+
+    def started(self, run_id: str) -> None:
+        self.running.add(run_id)
+        self._postfix()
+
+    def progress(self, run_id: str, it: int, total: int) -> None:
+        if run_id not in self.running:
+            self.started(run_id)
         self.runs[run_id] = (it, total)
         if self.tty:
             bar = self._bars.get(run_id)
@@ -485,13 +512,25 @@ class _Progress:
             active = ", ".join(f"{r} {i}/{t}" for r, (i, t) in self.runs.items())
             print(f"[{self.done}/{self.total} runs done] {active}", file=sys.stderr, flush=True)
 
-    def finish(self, run_id: str, status: str) -> None:
+    update = progress  # the name execute_run's callers used
+
+    def finished(self, run_id: str, skipped: bool) -> None:
+        (self.result.skipped if skipped else self.result.finished).append(run_id)
+        self._end(run_id, "skipped (finished before)" if skipped else "finished")
+
+    def failed(self, run_id: str, error: str) -> None:
+        self.result.failed[run_id] = error
+        self._end(run_id, f"failed: {error} (see error.txt)")
+
+    def _end(self, run_id: str, status: str) -> None:
         self.done += 1
+        self.running.discard(run_id)
         self.runs.pop(run_id, None)
         if self.tty:
             bar = self._bars.pop(run_id, None)
             if bar is not None:
                 bar.close()
+            self._postfix()
             self._overall.update(1)
             if status != "finished":
                 self._overall.write(f"{run_id}: {status}")
@@ -499,7 +538,7 @@ class _Progress:
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / self.done * (self.total - self.done)
             print(
-                f"[{self.done}/{self.total} runs] {run_id}: {status} "
+                f"[{self.done}/{self.total} runs: {self.counts()}] {run_id}: {status} "
                 f"(elapsed {elapsed:.0f} s, ETA {eta:.0f} s)",
                 file=sys.stderr,
                 flush=True,
@@ -543,12 +582,21 @@ def run_sweep(
     progress: bool = True,
     overwrite: bool = False,
     restart: list[str] | tuple[str, ...] = (),
+    executor: Executor | None = None,
 ) -> SweepResult:
-    """Execute runs (skipping finished ones), ``workers`` processes at a time.
+    """Execute runs (skipping finished ones) on ``executor``: by default
+    :class:`~funcbo.experiments.executors.LocalExecutor` with ``workers`` processes at a time.
 
     Finished runs are reused only when their stored config equals the requested one: see
-    :func:`prepare_run_dirs` for ``overwrite`` and ``restart``.
+    :func:`prepare_run_dirs` for ``overwrite`` and ``restart``. When neither ``options`` nor
+    the config sets ``threads``, the executor chooses each run's torch threads (the cores
+    divided by ``workers`` locally, ``resources.cpus`` on Ray). An executor made here is
+    closed at the end; one passed in is left open.
     """
+    from funcbo.experiments.executors import LocalExecutor
+
+    if executor is not None and workers != 1:
+        raise ValueError("pass workers to the executor, not to run_sweep, when giving an executor")
     out = Path(out)
     prepare_run_dirs(runs, out, overwrite=overwrite, restart=restart)
     out.mkdir(parents=True, exist_ok=True)
@@ -556,103 +604,19 @@ def run_sweep(
         opts = options
     else:
         opts = RunOptions.from_config(runs[0].config) if runs else RunOptions()
-    if opts.threads is None:
-        opts = RunOptions(
-            opts.log_every, opts.checkpoint_every, default_threads(workers), opts.tensorboard
-        )
     write_sweep_file(out, runs)
     result = SweepResult()
     t0 = time.perf_counter()
-    bar = _Progress(len(runs), progress)
+    bar = _Progress(len(runs), progress, result)
+    ex = executor if executor is not None else LocalExecutor(workers)
     try:
-        if workers <= 1:
-            for run in runs:
-                try:
-                    s = execute_run(run, out, opts, bar.update)
-                except Exception as e:
-                    result.failed[run.run_id] = f"{type(e).__name__}: {e}"
-                    bar.finish(run.run_id, "failed (see error.txt)")
-                    continue
-                (result.skipped if s.get("skipped") else result.finished).append(run.run_id)
-                bar.finish(
-                    run.run_id, "skipped (finished before)" if s.get("skipped") else "finished"
-                )
-        else:
-            _run_parallel(runs, out, workers, opts, bar, result)
+        ex.run(runs, out, opts, bar)
     finally:
         bar.close()
+        if executor is None:
+            ex.close()
     result.wall_time_s = time.perf_counter() - t0
     return result
-
-
-def _run_parallel(
-    runs: list[PlannedRun],
-    out: Path,
-    workers: int,
-    opts: RunOptions,
-    bar: _Progress,
-    result: SweepResult,
-) -> None:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    pending = list(runs)
-    active: dict[str, tuple[Any, PlannedRun]] = {}
-    reported: set[str] = set()
-
-    def handle(msg: tuple[Any, ...]) -> None:
-        kind, run_id = msg[0], msg[1]
-        if kind == "progress":
-            bar.update(run_id, msg[2], msg[3])
-        elif kind == "done":
-            reported.add(run_id)
-            (result.skipped if msg[2] else result.finished).append(run_id)
-            bar.finish(run_id, "skipped (finished before)" if msg[2] else "finished")
-        elif kind == "failed":
-            reported.add(run_id)
-            result.failed[run_id] = msg[3]
-            bar.finish(run_id, f"failed: {msg[3]} (see error.txt)")
-
-    while pending or active:
-        while pending and len(active) < workers:
-            run = pending.pop(0)
-            module = experiment_module(run.spec.experiment)
-            p = ctx.Process(target=_worker, args=(run, str(out), opts, q, module), daemon=False)
-            p.start()
-            active[run.run_id] = (p, run)
-        try:
-            handle(q.get(timeout=0.2))
-            while True:
-                handle(q.get_nowait())
-        except queue.Empty:
-            pass
-        for run_id, (p, run) in list(active.items()):
-            if p.is_alive():
-                continue
-            p.join()
-            # Drain messages the process sent just before exiting.
-            try:
-                while True:
-                    handle(q.get_nowait())
-            except queue.Empty:
-                pass
-            del active[run_id]
-            if run_id not in reported:
-                reason = f"worker process exited with code {p.exitcode}"
-                rd = RunDir(out / run_id)
-                prev = _safe_summary(rd)
-                rd.path.mkdir(parents=True, exist_ok=True)
-                rd.write_error(reason + "\n")
-                rd.write_summary(
-                    {
-                        **_summary_base(run),
-                        **{k: prev.get(k) for k in ("iteration", "wall_time_s")},
-                        "status": "failed",
-                        "final": {},
-                        "error": reason,
-                    }
-                )
-                result.failed[run_id] = reason
-                bar.finish(run_id, f"failed: {reason}")
 
 
 __all__ = [
@@ -663,5 +627,6 @@ __all__ = [
     "default_threads",
     "execute_run",
     "prepare_run_dirs",
+    "record_lost_run",
     "run_sweep",
 ]
