@@ -19,6 +19,7 @@ import funcbo.cli  # noqa: F401 - registers the built-in experiments
 from funcbo.cli import main
 from funcbo.experiments import runner
 from funcbo.experiments.config import ConfigError, load_config, plan_runs
+from funcbo.experiments.errors import ExperimentError
 from funcbo.experiments.executors import LocalExecutor, RayExecutor, write_returned_run
 from funcbo.experiments.runner import run_sweep
 from funcbo.experiments.store import RunDir
@@ -65,7 +66,9 @@ def ray_cluster():
     ray = pytest.importorskip(
         "ray", reason="Ray is not installed (pip install 'funcbo[ray]'): Ray executor untested"
     )
-    ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ctx = ray.init(
+        address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING
+    )
     try:
         yield ctx.address_info["gcs_address"]
     finally:
@@ -218,6 +221,12 @@ def test_resources_do_not_make_a_finished_run_stale(tmp_path, capsys):
     assert main(["run", str(path), "--out", out, "--quiet"]) == 0
     rc = main(["run", str(path), "--out", out, "--quiet", "--set", "resources.cpus=4"])
     assert rc == 0 and "0 finished, 1 already done" in capsys.readouterr().err
+
+
+def test_ray_runs_on_cuda_must_ask_for_gpus(tmp_path):
+    cfg = load_config(_config(tmp_path, {**TINY, "device": "cuda"}))
+    with pytest.raises(ExperimentError, match=r"device 'cuda' on Ray needs resources.gpus > 0"):
+        RayExecutor().run(plan_runs(cfg), tmp_path / "out", runner.RunOptions(), None)
 
 
 @pytest.mark.parametrize(

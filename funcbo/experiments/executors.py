@@ -370,6 +370,12 @@ class RayExecutor(Executor):
         self, runs: list[PlannedRun], out: Path, options: RunOptions, events: SweepEvents
     ) -> None:
         out = Path(out).resolve()  # the path the tasks see (on a shared filesystem)
+        for run in runs:
+            if run.spec.device.startswith("cuda") and not run.config.resources.gpus > 0:
+                raise ExperimentError(
+                    f"{run.run_id}: device {run.spec.device!r} on Ray needs resources.gpus > 0 "
+                    "(Ray gives a task the GPUs it asks for)"
+                )
         todo = []
         for run in runs:
             if _finished_before(run, out):
