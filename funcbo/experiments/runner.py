@@ -608,7 +608,7 @@ def run_sweep(
     result = SweepResult()
     t0 = time.perf_counter()
     bar = _Progress(len(runs), progress, result)
-    ex = executor if executor is not None else LocalExecutor(workers)
+    ex = executor if executor is not None else LocalExecutor(max(1, workers))
     try:
         ex.run(runs, out, opts, bar)
     finally:
