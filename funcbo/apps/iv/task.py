@@ -135,22 +135,18 @@ class IVTask(Task):
                 self.dfiv = DFIV(
                     self.outer.treatment,
                     self.inner.features,
-                    self._to_mean_scale(
-                        make_optimizer(
-                            mc.outer_optimizer,
-                            self.outer.treatment.parameters(),
-                            mc.outer_lr,
-                            mc.outer_weight_decay,
-                        ),
+                    self._optimizer(
+                        mc.outer_optimizer,
+                        self.outer.treatment.parameters(),
+                        mc.outer_lr,
+                        mc.outer_weight_decay,
                         n_out,
                     ),
-                    self._to_mean_scale(
-                        make_optimizer(
-                            mc.inner_optimizer,
-                            self.inner.features.parameters(),
-                            mc.inner_lr,
-                            mc.inner_weight_decay,
-                        ),
+                    self._optimizer(
+                        mc.inner_optimizer,
+                        self.inner.features.parameters(),
+                        mc.inner_lr,
+                        mc.inner_weight_decay,
                         n_in,
                     ),
                     stage1_steps=mc.inner_steps,
@@ -160,13 +156,11 @@ class IVTask(Task):
                     covariate=covariate,
                     covariate_optimizer=None
                     if covariate is None
-                    else self._to_mean_scale(
-                        make_optimizer(
-                            mc.outer_optimizer,
-                            covariate.parameters(),
-                            mc.outer_lr,
-                            mc.covariate_weight_decay,
-                        ),
+                    else self._optimizer(
+                        mc.outer_optimizer,
+                        covariate.parameters(),
+                        mc.outer_lr,
+                        mc.covariate_weight_decay,
                         n_out,
                     ),
                     covariate_steps=mc.covariate_steps,
@@ -183,20 +177,17 @@ class IVTask(Task):
                 covariate = self.outer.covariate
                 omega = list(self.outer.parameters())
                 if covariate is not None and mc.covariate_steps > 0:
-                    self.covariate_optimizer = self._to_mean_scale(
-                        make_optimizer(
-                            mc.outer_optimizer,
-                            covariate.parameters(),
-                            mc.outer_lr,
-                            mc.covariate_weight_decay,
-                        ),
+                    self.covariate_optimizer = self._optimizer(
+                        mc.outer_optimizer,
+                        covariate.parameters(),
+                        mc.outer_lr,
+                        mc.covariate_weight_decay,
                         n_out,
                     )
                     chi = {id(p) for p in covariate.parameters()}
                     omega = [p for p in omega if id(p) not in chi]
-                self.outer_optimizer = self._to_mean_scale(
-                    make_optimizer(mc.outer_optimizer, omega, mc.outer_lr, mc.outer_weight_decay),
-                    n_out,
+                self.outer_optimizer = self._optimizer(
+                    mc.outer_optimizer, omega, mc.outer_lr, mc.outer_weight_decay, n_out
                 )
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.iteration = 0
@@ -213,6 +204,12 @@ class IVTask(Task):
         b1 = n1 if pc.inner_batch_size is None else min(pc.inner_batch_size, n1)
         b2 = n2 if pc.outer_batch_size is None else min(pc.outer_batch_size, n2)
         return b1, b2
+
+    def _optimizer(
+        self, name: str, params: Any, lr: float, weight_decay: float, summed: int
+    ) -> torch.optim.Optimizer:
+        """``make_optimizer`` for a loss that sums over ``summed`` samples in the reference."""
+        return self._to_mean_scale(make_optimizer(name, params, lr, weight_decay), summed)
 
     def _to_mean_scale(
         self, optimizer: torch.optim.Optimizer, summed: int
