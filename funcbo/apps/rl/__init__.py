@@ -5,7 +5,8 @@ model's Bellman targets is the inner one; the outer objective is the Bellman err
 Q-function on real transitions (Nikishin et al., AAAI 2022; Petrulionyte, Mairal & Arbel,
 NeurIPS 2024). gymnasium is imported only when an environment is made.
 
-Modules: ``env`` (CartPole wrapper with termination/truncation and saveable state), ``replay``,
+Modules: ``env`` (CartPole wrapper with termination/truncation and saveable state), ``vec_env``
+(CartPole-v1 in torch, N environments stepped as one batch, matching gymnasium), ``replay``,
 ``networks``, ``problem`` (the :class:`~funcbo.BilevelProblem`), ``adjoint`` (the identity
 output-Hessian shortcut), ``solution`` (the inner solution h* = ŷ, at which FuncID's adjoint is
 evaluated by ``funcid_solution`` and ``funcid_network``), ``methods`` (update rules), ``agent``
@@ -19,6 +20,7 @@ from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, QOfAction, ValueEnse
 from funcbo.apps.rl.problem import SoftBellmanProblem, soft_value, with_target
 from funcbo.apps.rl.replay import ReplayBuffer
 from funcbo.apps.rl.solution import BellmanSolution, SolutionProblem
+from funcbo.apps.rl.vec_env import TorchCartPole, VecStep
 
 __all__ = [
     "RL_KINDS",
@@ -32,7 +34,9 @@ __all__ = [
     "ReplayBuffer",
     "SoftBellmanProblem",
     "SolutionProblem",
+    "TorchCartPole",
     "ValueEnsemble",
+    "VecStep",
     "soft_value",
     "with_target",
 ]
