@@ -1,7 +1,7 @@
 """The ``funcbo`` command: run sweeps from configs, report on them, run the demo.
 
     funcbo run CONFIG [--set key=value ...] [--methods a,b] [--seeds 0-19] [--workers N] [--out DIR]
-               [--overwrite] [--restart RUN ...]
+               [--overwrite] [--restart RUN ...] [--batch-seeds]
                [--executor ray [--address ADDR] [--ray-results shared|driver]]
     funcbo report DIR [--out DIR] [--name NAME] [--preamble FILE]
     funcbo demo [--workers N] [--out DIR]
@@ -68,7 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from funcbo.experiments.runner import RunOptions, prepare_run_dirs, run_sweep
 
     _check_executor_args(args)
-    cfg = load_config(args.config, args.set)
+    sets = list(args.set) + (["batch_seeds=true"] if args.batch_seeds else [])
+    cfg = load_config(args.config, sets)
     seeds = None
     if args.seeds is not None:
         try:
@@ -267,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="shared (default): tasks write run directories under --out, which must be the same "
         "path on every machine; driver: tasks send their run directories back to be written here",
+    )
+    run.add_argument(
+        "--batch-seeds",
+        action="store_true",
+        help="run all seeds of a method (and grid points that share shapes) in one process "
+        "as one batched program, where the experiment supports it (the config key "
+        "batch_seeds: true)",
     )
     run.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     run.add_argument("--quiet", action="store_true", help="no progress output")

@@ -83,6 +83,10 @@ class ExperimentConfig:
         grid: dotted key -> list of values; every combination is a variant of every method.
         resources: CPUs and GPUs each run requests from a Ray cluster (how a run is executed,
             not what it computes).
+        batch_seeds: run all seeds of a method (and grid points that share shapes) in one
+            process as one batched program, where the experiment supports it (each run still
+            has its own directory). Part of what a run computes: a batched run draws its
+            randomness from other streams than the same seed run alone.
     """
 
     experiment: str
@@ -100,6 +104,7 @@ class ExperimentConfig:
     tensorboard: bool = False
     grid: dict[str, list[Any]] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    batch_seeds: bool = False
     source: str = field(default="<dict>", init=False, repr=False, compare=False)
 
     def spec(self) -> ExperimentSpec:

@@ -8,7 +8,8 @@ runs resumed from their checkpoint, a failing run recorded (``error.txt`` and a 
 without stopping the others.
 
 - :class:`LocalExecutor`: ``workers`` runs at a time, each in its own process (in this process
-  when ``workers`` is 1).
+  when ``workers`` is 1). With ``batch_seeds`` the unit is a job of runs batched together
+  (:func:`~funcbo.experiments.batch.plan_jobs`), ``workers`` jobs at a time.
 - :class:`RayExecutor`: each run is a Ray task requesting the config's ``resources`` (CPUs,
   GPUs), on a running cluster or on a local one started on demand. Ray is optional
   (``pip install 'funcbo[ray]'``) and imported only when this executor runs. Run directories
@@ -33,6 +34,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from funcbo.experiments.batch import execute_batch, plan_jobs
 from funcbo.experiments.config import PlannedRun
 from funcbo.experiments.errors import DamagedRunError, ExperimentError
 from funcbo.experiments.runner import (
@@ -109,22 +111,56 @@ class LocalExecutor(Executor):
     ) -> None:
         if options.threads is None:
             options = dataclasses.replace(options, threads=default_threads(self.workers))
+        jobs = plan_jobs(runs)
         if self.workers <= 1:
-            for run in runs:
-                events.started(run.run_id)
-                try:
-                    s = execute_run(run, out, options, events.progress)
-                except Exception as e:
-                    events.failed(run.run_id, f"{type(e).__name__}: {e}")
-                    continue
-                events.finished(run.run_id, bool(s.get("skipped")))
+            for job in jobs:
+                _run_job(job, out, options, events)
         else:
-            _run_processes(runs, out, self.workers, options, events)
+            _run_processes(jobs, out, self.workers, options, events)
 
 
-def _process_worker(run: PlannedRun, out: str, options: RunOptions, q: Any, module: str) -> None:
+def _run_job(job: list[PlannedRun], out: Path, options: RunOptions, events: SweepEvents) -> None:
+    """One job in this process: a single run, or several as one batch (``batch_seeds``)."""
+    for run in job:
+        events.started(run.run_id)
+    if len(job) == 1:
+        run = job[0]
+        try:
+            s = execute_run(run, out, options, events.progress)
+        except Exception as e:
+            events.failed(run.run_id, f"{type(e).__name__}: {e}")
+            return
+        events.finished(run.run_id, bool(s.get("skipped")))
+        return
+
+    def result(run_id: str, summary: dict[str, Any] | None, error: str | None) -> None:
+        if summary is None:
+            events.failed(run_id, error or "failed")
+        else:
+            events.finished(run_id, bool(summary.get("skipped")))
+
+    execute_batch(job, out, options, events.progress, result)
+
+
+def _process_worker(
+    job: list[PlannedRun], out: str, options: RunOptions, q: Any, module: str
+) -> None:
     importlib.import_module(module)
     report = _throttled(lambda r, i, t: q.put(("progress", r, i, t)))
+    if len(job) > 1:
+
+        def result(run_id: str, summary: dict[str, Any] | None, error: str | None) -> None:
+            if summary is None:
+                q.put(("failed", run_id, False, error or "failed"))
+            else:
+                q.put(("done", run_id, bool(summary.get("skipped")), ""))
+
+        try:
+            execute_batch(job, out, options, report, result)
+        except BaseException:
+            sys.exit(1)
+        return
+    run = job[0]
     try:
         summary = execute_run(run, out, options, report)
         q.put(("done", run.run_id, bool(summary.get("skipped")), ""))
@@ -134,12 +170,16 @@ def _process_worker(run: PlannedRun, out: str, options: RunOptions, q: Any, modu
 
 
 def _run_processes(
-    runs: list[PlannedRun], out: Path, workers: int, opts: RunOptions, events: SweepEvents
+    jobs: list[list[PlannedRun]],
+    out: Path,
+    workers: int,
+    opts: RunOptions,
+    events: SweepEvents,
 ) -> None:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    pending = list(runs)
-    active: dict[str, tuple[Any, PlannedRun]] = {}
+    pending = list(jobs)
+    active: dict[str, tuple[Any, list[PlannedRun]]] = {}
     reported: set[str] = set()
 
     def handle(msg: tuple[Any, ...]) -> None:
@@ -163,29 +203,31 @@ def _run_processes(
     try:
         while pending or active:
             while pending and len(active) < workers:
-                run = pending.pop(0)
-                module = experiment_module(run.spec.experiment)
+                job = pending.pop(0)
+                module = experiment_module(job[0].spec.experiment)
                 p = ctx.Process(
-                    target=_process_worker, args=(run, str(out), opts, q, module), daemon=False
+                    target=_process_worker, args=(job, str(out), opts, q, module), daemon=False
                 )
                 p.start()
-                active[run.run_id] = (p, run)
-                events.started(run.run_id)
+                active[job[0].run_id] = (p, job)
+                for run in job:
+                    events.started(run.run_id)
             try:
                 handle(q.get(timeout=0.2))
             except queue.Empty:
                 pass
             drain()
-            for run_id, (p, run) in list(active.items()):
+            for job_id, (p, job) in list(active.items()):
                 if p.is_alive():
                     continue
                 p.join()
                 drain()  # messages the process sent just before exiting
-                del active[run_id]
-                if run_id not in reported:
-                    reason = f"worker process exited with code {p.exitcode}"
-                    record_lost_run(out, run, reason)
-                    events.failed(run_id, reason)
+                del active[job_id]
+                for run in job:
+                    if run.run_id not in reported:
+                        reason = f"worker process exited with code {p.exitcode}"
+                        record_lost_run(out, run, reason)
+                        events.failed(run.run_id, reason)
     except BaseException:
         # Interrupted (Ctrl-C): the processes got the signal too when it came from a terminal;
         # give them a moment to record where they stopped, then end those still running.
@@ -370,6 +412,11 @@ class RayExecutor(Executor):
         self, runs: list[PlannedRun], out: Path, options: RunOptions, events: SweepEvents
     ) -> None:
         out = Path(out).resolve()  # the path the tasks see (on a shared filesystem)
+        if any(len(job) > 1 for job in plan_jobs(runs)):
+            raise ExperimentError(
+                "batch_seeds runs execute on the local executor (one process per batch); "
+                "run without --executor ray, or without batch_seeds"
+            )
         for run in runs:
             if run.spec.device.startswith("cuda") and not run.config.resources.gpus > 0:
                 raise ExperimentError(

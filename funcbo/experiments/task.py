@@ -59,6 +59,37 @@ class Task(ABC):
         """Restore a :meth:`state_dict`."""
 
 
+class BatchTask(ABC):
+    """Several runs of one method advanced together as one batched program.
+
+    Run ``i`` is the ``i``-th :class:`RunSpec` the task was made with. The runs are
+    independent: each run's results depend on its own spec only, never on which other runs
+    share the batch.
+
+    Attributes:
+        iterations: total outer iterations (the same for every run of the batch).
+    """
+
+    iterations: int
+
+    @abstractmethod
+    def step(self) -> dict[str, Any]:
+        """Advance every run one outer iteration; metrics as per-run tensors ``[R]`` (or
+        floats shared by all runs)."""
+
+    @abstractmethod
+    def evaluate(self) -> list[dict[str, float]]:
+        """Evaluation metrics of every run."""
+
+    @abstractmethod
+    def state_dict(self, run: int) -> dict[str, Any]:
+        """Run ``run``'s state, as :meth:`Task.state_dict` (loads with ``weights_only``)."""
+
+    @abstractmethod
+    def load_state_dict(self, run: int, state: dict[str, Any]) -> None:
+        """Restore run ``run``; every run of a batch is restored from the same iteration."""
+
+
 @dataclass
 class RunSpec:
     """What one run is: an experiment's problem config, one method, one seed, the budget.
@@ -106,6 +137,10 @@ class ExperimentSpec:
         description: one line for ``funcbo list``.
         kinds: the method kinds ``make_task`` accepts.
         iteration_label: what one iteration is, for the x-axis of report curves.
+        make_batch_task: builds a :class:`BatchTask` of several runs (``batch_seeds``);
+            None: the experiment runs one run per process only.
+        batch_key: runs with equal keys may share a batch (None: ``make_batch_task`` takes
+            any runs of one method variant's seeds).
     """
 
     name: str
@@ -117,6 +152,8 @@ class ExperimentSpec:
     description: str = ""
     kinds: tuple[str, ...] = LIBRARY_KINDS
     iteration_label: str = "outer iteration"
+    make_batch_task: Callable[[list[RunSpec]], BatchTask] | None = None
+    batch_key: Callable[[RunSpec], Any] | None = None
 
 
 _REGISTRY: dict[str, ExperimentSpec] = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from funcbo.apps.rl.config import RL_KINDS, RLMethodConfig, RLProblemConfig
-from funcbo.apps.rl.task import RLTask
+from funcbo.apps.rl.task import RLBatchTask, RLTask, batch_key
 from funcbo.experiments.task import ExperimentSpec, RunSpec, register_experiment
 
 
@@ -16,6 +16,11 @@ def make_task(spec: RunSpec) -> RLTask:
     return RLTask(spec)
 
 
+def make_batch_task(specs: list[RunSpec]) -> RLBatchTask:
+    """Build the batched task of several runs (``batch_seeds``)."""
+    return RLBatchTask(specs)
+
+
 SPEC = register_experiment(
     ExperimentSpec(
         name="rl_cartpole",
@@ -26,6 +31,8 @@ SPEC = register_experiment(
         metric_mode="max",
         kinds=RL_KINDS,
         iteration_label="environment steps",
+        make_batch_task=make_batch_task,
+        batch_key=batch_key,
         description=(
             "model-based RL on CartPole-v1: FuncID (learned adjoint) vs OMD, MLE, VEP, "
             "model-free soft Q"

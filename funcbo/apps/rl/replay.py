@@ -9,6 +9,28 @@ import torch
 from torch import Tensor
 
 
+def distinct_indices(n: int, batch_size: int, generator: torch.Generator) -> Tensor:
+    """``batch_size`` distinct indices in [0, n): a uniformly random subset (with replacement
+    when ``n < batch_size``).
+
+    A small range is permuted; a large one is sampled with replacement and its repeated draws
+    redrawn until all are distinct (every subset stays equally likely, by symmetry), which costs
+    O(batch) instead of the O(n) of a permutation.
+    """
+    g = generator
+    if batch_size > n:
+        return torch.randint(0, n, (batch_size,), generator=g)
+    if n <= 8 * batch_size:
+        return torch.randperm(n, generator=g)[:batch_size]
+    idx = torch.randint(0, n, (batch_size,), generator=g)
+    while True:
+        uniq = torch.unique(idx)
+        missing = batch_size - uniq.numel()
+        if missing == 0:
+            return idx
+        idx = torch.cat([uniq, torch.randint(0, n, (missing,), generator=g)])
+
+
 class ReplayBuffer:
     """Ring buffer of (s, a, r, s′, not_done) with uniform sampling without replacement.
 
@@ -73,24 +95,9 @@ class ReplayBuffer:
         }
 
     def indices(self, batch_size: int) -> Tensor:
-        """``batch_size`` distinct indices, a uniformly random subset of the filled part.
-
-        A small buffer is permuted; a large one is sampled with replacement and its repeated
-        draws redrawn until all are distinct (every subset stays equally likely, by symmetry),
-        which costs O(batch) instead of the O(size) of a permutation.
-        """
-        n, g = self.size, self.generator
-        if batch_size > n:
-            return torch.randint(0, n, (batch_size,), generator=g)
-        if n <= 8 * batch_size:
-            return torch.randperm(n, generator=g)[:batch_size]
-        idx = torch.randint(0, n, (batch_size,), generator=g)
-        while True:
-            uniq = torch.unique(idx)
-            missing = batch_size - uniq.numel()
-            if missing == 0:
-                return idx
-            idx = torch.cat([uniq, torch.randint(0, n, (missing,), generator=g)])
+        """``batch_size`` distinct indices, a uniformly random subset of the filled part (see
+        :func:`distinct_indices`)."""
+        return distinct_indices(self.size, batch_size, self.generator)
 
     def state_dict(self) -> dict[str, Any]:
         """The filled part of the storage, the write pointer and the sampling generator."""
@@ -121,4 +128,4 @@ class ReplayBuffer:
         self.generator.set_state(state["generator"])
 
 
-__all__ = ["ReplayBuffer"]
+__all__ = ["ReplayBuffer", "distinct_indices"]
