@@ -198,3 +198,20 @@ def test_unsupported_kind_and_mixed_runs_are_named() -> None:
     with pytest.raises(ValueError, match="method.outer_lr"):
         check_batchable([a, b], [RLProblemConfig(), RLProblemConfig(tau=0.005)])
     check_batchable([a, dataclasses.replace(a, inner_lr=3e-3)], [RLProblemConfig()] * 2)
+
+
+@pytest.mark.parametrize("n", [100, 1000, 3000, 200_000])
+def test_batched_replay_draws_are_the_unbatched_draws(n: int) -> None:
+    """Every run's indices are those ReplayBuffer's sampler draws from the same generator
+    (small buffers permuted, duplicates redrawn), so a run does not depend on its batch."""
+    from funcbo.apps.rl.batched_agent import _distinct_rows
+    from funcbo.apps.rl.replay import distinct_indices
+
+    for _ in range(5):
+        gens = [torch.Generator().manual_seed(s) for s in range(6)]
+        refs = [torch.Generator().manual_seed(s) for s in range(6)]
+        rows = _distinct_rows(n, 256, gens)
+        for r, g in enumerate(refs):
+            assert torch.equal(rows[r], distinct_indices(n, 256, g))
+        if n >= 256:
+            assert all(row.unique().numel() == 256 for row in rows)

@@ -117,7 +117,7 @@ class BatchedAgent:
         self.size = 0
         self.replay_gens = [torch.Generator().manual_seed(s + 1) for s in self.seeds]
         self.act_gens = [torch.Generator().manual_seed(s + 2) for s in self.seeds]
-        self._rows = torch.arange(r).unsqueeze(1)
+        self._offsets = (torch.arange(r) * cap).unsqueeze(1)
 
         self.env_steps = 0
         self.updates = 0
@@ -127,6 +127,8 @@ class BatchedAgent:
         self.obs = self.env.reset()
         self.next_action = self.act(self.obs)
         self._times: deque[float] = deque(maxlen=RATE_WINDOW)
+        #: seconds spent so far in each part of :meth:`step` and :meth:`evaluate` (all runs)
+        self.timings = {"env": 0.0, "replay": 0.0, "act": 0.0, "update": 0.0, "evaluation": 0.0}
 
     # ---------------------------------------------------------------------------- acting
     def act(self, obs: Tensor) -> Tensor:
@@ -155,14 +157,19 @@ class BatchedAgent:
     def sample(self) -> dict[str, Tensor]:
         """A replay batch per run ``[R, B, ...]``: distinct transitions, uniformly drawn."""
         b = self.cfg.batch_size
-        idx = torch.stack([distinct_indices(self.size, b, g) for g in self.replay_gens])
-        rows, d = self._rows, self.dtype
+        idx = _distinct_rows(self.size, b, self.replay_gens)
+        flat = (idx + self._offsets).reshape(-1)  # rows of the [R · capacity, ...] storage
+        r, d = self.runs, self.dtype
+
+        def take(buf: Tensor) -> Tensor:
+            return buf.view(r * buf.shape[1], -1).index_select(0, flat).view(r, b, -1)
+
         return {
-            "obs": self.buf_obs[rows, idx].to(d),
-            "action": self.buf_action[rows, idx],
-            "reward": self.buf_reward[rows, idx].to(d).unsqueeze(2),
-            "next_obs": self.buf_next_obs[rows, idx].to(d),
-            "not_done": self.buf_not_done[rows, idx].to(d).unsqueeze(2),
+            "obs": take(self.buf_obs).to(d),
+            "action": take(self.buf_action).view(r, b),
+            "reward": take(self.buf_reward).to(d),
+            "next_obs": take(self.buf_next_obs).to(d),
+            "not_done": take(self.buf_not_done).to(d),
         }
 
     def step(self) -> dict[str, Any]:
@@ -173,6 +180,10 @@ class BatchedAgent:
         t0 = time.perf_counter()
         action = self.next_action
         out = self.env.step(action)
+        done = out.done
+        if bool(done.any()):
+            self.obs_after_reset = self.env.reset(mask=done)
+        t1 = time.perf_counter()
         i = self.ptr
         self.buf_obs[:, i] = self.obs
         self.buf_action[:, i] = action
@@ -183,7 +194,6 @@ class BatchedAgent:
         self.size = min(self.size + 1, self.cfg.buffer_capacity)
         self.env_steps += 1
         self.episode_return += out.reward
-        done = out.done
         self.obs = out.obs
         if bool(done.any()):
             self.last_episode_return = torch.where(
@@ -191,12 +201,31 @@ class BatchedAgent:
             )
             self.episodes += done.float()
             self.episode_return = torch.where(done, 0.0, self.episode_return)
-            self.obs = self.env.reset(mask=done)
+            self.obs = self.obs_after_reset
+        t2 = time.perf_counter()
         self.next_action = self.act(self.obs)
+        t3 = time.perf_counter()
         metrics: dict[str, Any] = {}
+        sample_time = 0.0
         if self.env_steps >= self.cfg.init_steps:
-            metrics.update(self.updater.update(self.sample))
+
+            def sample() -> dict[str, Tensor]:
+                nonlocal sample_time
+                ts = time.perf_counter()
+                batch = self.sample()
+                sample_time += time.perf_counter() - ts
+                return batch
+
+            metrics.update(self.updater.update(sample))
             self.updates += 1
+        t4 = time.perf_counter()
+        for key, dt in (
+            ("env", t1 - t0),
+            ("replay", t2 - t1 + sample_time),
+            ("act", t3 - t2),
+            ("update", t4 - t3 - sample_time),
+        ):
+            self.timings[key] += dt
         dt = time.perf_counter() - t0
         self._times.append(dt)
         rate = len(self._times) / max(sum(self._times), 1e-12)
@@ -221,6 +250,7 @@ class BatchedAgent:
         a generator seeded by (seed_r, env_steps): evaluating never changes training, and a
         resumed run evaluates exactly as an uninterrupted one.
         """
+        t0 = time.perf_counter()
         n = self.cfg.eval_episodes if episodes is None else episodes
         r = self.runs
         keys = [_eval_key(s, self.env_steps) for s in self.seeds]
@@ -243,6 +273,7 @@ class BatchedAgent:
                 obs = env.reset(mask=out.done)
         ret = total.reshape(r, n).double()
         mean, std = ret.mean(1), ret.std(1, unbiased=False)
+        self.timings["evaluation"] += time.perf_counter() - t0
         return [{"return": float(mean[i]), "return_std": float(std[i])} for i in range(r)]
 
     # --------------------------------------------------------------------- checkpointing
@@ -315,6 +346,32 @@ class BatchedAgent:
         self.obs[run] = state["obs"]
         self.next_action = self.next_action.clone()
         self.next_action[run] = int(state["next_action"])
+
+
+def _distinct_rows(n: int, batch_size: int, gens: list[torch.Generator]) -> Tensor:
+    """Row r: ``batch_size`` distinct indices in [0, n) from generator r, exactly as
+    :func:`~funcbo.apps.rl.replay.distinct_indices` draws them, with its duplicate check and
+    redraws done for all rows at once (only the draws are per row, each from its generator)."""
+    if batch_size > n or n <= 8 * batch_size:
+        return torch.stack([distinct_indices(n, batch_size, g) for g in gens])
+    idx = torch.stack([torch.randint(0, n, (batch_size,), generator=g) for g in gens])
+    idx = idx.to(torch.int32)  # sorts 3× faster than int64 (indices < 2³¹)
+    while True:
+        srt = idx.sort(dim=1).values
+        dup = torch.zeros_like(srt, dtype=torch.bool)
+        dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+        missing = dup.sum(dim=1)
+        redraw = missing.nonzero().flatten().tolist()
+        if not redraw:
+            return idx.long()
+        # distinct_indices: cat([unique(row) (sorted), randint(missing)])
+        packed = srt.gather(1, torch.argsort(dup.to(torch.int8), dim=1, stable=True))
+        counts = missing.tolist()
+        draws = [torch.randint(0, n, (counts[r],), generator=gens[r]) for r in redraw]
+        # the last `missing` places of each row, filled row by row in order
+        tail = torch.arange(batch_size) >= batch_size - missing.unsqueeze(1)
+        packed[tail] = torch.cat(draws).to(torch.int32)
+        idx = torch.where((missing > 0).unsqueeze(1), packed, idx)
 
 
 def _softmax_sample(logits: Tensor, u: Tensor) -> Tensor:
