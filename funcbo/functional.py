@@ -16,6 +16,7 @@ the inner problem be non-convex in those weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from funcbo.estimator import (
 )
 from funcbo.inner import InnerSolver, make_inner_solver
 from funcbo.linalg import OutputHessian
+from funcbo.memory import PhaseMeter
 from funcbo.problem import Batch, BilevelProblem, check_finite_tensors, check_pred
 
 
@@ -50,6 +52,9 @@ class FuncID(ImplicitEstimator):
         check_convexity: verify on every step that the output Hessians are positive definite
             (raises :class:`~funcbo.NotStronglyConvexError`).
         dense_hessian_max: store per-sample output Hessians densely up to this output size.
+        phase_meter: a :class:`~funcbo.memory.PhaseMeter` that times each call's phases
+            (``forward``, ``outer_grad``, ``hessian``, ``solve``, ``cross``) and their peak
+            memory; None (default) measures nothing.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class FuncID(ImplicitEstimator):
         inner_solver: InnerSolver | None = None,
         check_convexity: bool = False,
         dense_hessian_max: int = 128,
+        phase_meter: PhaseMeter | None = None,
     ) -> None:
         self.inner_model = inner_model
         self.inner = make_inner_solver(inner_model, inner_optimizer, inner_steps, inner_solver)
@@ -70,19 +76,25 @@ class FuncID(ImplicitEstimator):
         self.adjoint.bind(inner_model)
         self.check_convexity = check_convexity
         self.dense_hessian_max = dense_hessian_max
+        self.phase_meter = phase_meter
         self.stats: dict[str, float] = {}
+
+    def _phase(self, name: str) -> AbstractContextManager[None]:
+        return nullcontext() if self.phase_meter is None else self.phase_meter.phase(name)
 
     def hypergradient(
         self, problem: BilevelProblem, outer: nn.Module, inner_batch: Batch, outer_batch: Batch
     ) -> tuple[Tensor, ...]:
         """∇F(ω) at the current inner model (no inner steps)."""
+        if self.phase_meter is not None:
+            self.phase_meter.start()
         params = trainable(outer)
         x_in = problem.input(inner_batch, "inner")
         x_out = problem.input(outer_batch, "outer")
 
         # Predictions (and features for a linear adjoint) without any graph to θ.
         z_in = z_out = None
-        with torch.no_grad():
+        with self._phase("forward"), torch.no_grad():
             if isinstance(self.adjoint, LinearAdjoint):
                 with self.adjoint.capture() as feats:
                     v_in = self.inner_model(x_in)
@@ -93,6 +105,7 @@ class FuncID(ImplicitEstimator):
                         "head= naming the module applied once, to the last hidden features"
                     )
                 z_in, z_out = feats[0].detach(), feats[1].detach()
+                feats.clear()  # no other reference: the features go when the solve is done
             else:
                 v_in = self.inner_model(x_in)
                 v_out = self.inner_model(x_out)
@@ -100,27 +113,32 @@ class FuncID(ImplicitEstimator):
         v_out = check_pred(v_out, "inner model output").detach()
 
         # g_ω and the per-sample output gradients g_j = ∂_v ℓ_out at the outer points.
-        v_out.requires_grad_(True)
-        l_out = problem.eval_outer(outer, v_out, outer_batch)
-        m = l_out.shape[0]
-        outer_grads = torch.autograd.grad(l_out.mean(), [v_out, *params], allow_unused=True)
-        g_out = outer_grads[0]
-        g_out = torch.zeros_like(v_out) if g_out is None else g_out * m
-        g_omega = list(outer_grads[1:])
+        with self._phase("outer_grad"):
+            v_out.requires_grad_(True)
+            l_out = problem.eval_outer(outer, v_out, outer_batch)
+            m = l_out.shape[0]
+            outer_grads = torch.autograd.grad(l_out.mean(), [v_out, *params], allow_unused=True)
+            g_out = outer_grads[0]
+            g_out = torch.zeros_like(v_out) if g_out is None else g_out * m
+            g_omega = list(outer_grads[1:])
 
         # Output-space Hessians of the inner loss at the inner points (ω fixed).
-        hess = problem.output_hessian(outer, v_in, inner_batch)
-        if hess is None:
-            hess = OutputHessian.of_loss(
-                lambda v: problem.inner_loss(outer, v, inner_batch),
-                v_in,
-                dense=True if self.check_convexity else None,
-                dense_max=self.dense_hessian_max,
-            )
-        if self.check_convexity:
-            hess.check_positive()
+        with self._phase("hessian"):
+            hess = problem.output_hessian(outer, v_in, inner_batch)
+            if hess is None:
+                hess = OutputHessian.of_loss(
+                    lambda v: problem.inner_loss(outer, v, inner_batch),
+                    v_in,
+                    dense=True if self.check_convexity else None,
+                    dense_max=self.dense_hessian_max,
+                )
+            if self.check_convexity:
+                hess.check_positive()
 
-        a_in = self.adjoint.solve(AdjointProblem(x_in, x_out, hess, g_out.detach(), z_in, z_out))
+        with self._phase("solve"):
+            prob = AdjointProblem(x_in, x_out, hess, g_out.detach(), z_in, z_out)
+            a_in = self.adjoint.solve(prob)
+            del prob, z_in, z_out
         check_finite_tensors(
             [a_in],
             f"the adjoint ({type(self.adjoint).__name__}) values",
@@ -128,14 +146,15 @@ class FuncID(ImplicitEstimator):
         )
 
         # B a = ∂_ω ⟨∂_v L_in(ω, v), a⟩ at v = h(x_in): a mixed derivative in ω and the output.
-        v = v_in.clone().requires_grad_(True)
-        l_in = problem.eval_inner(outer, v, inner_batch)
-        (gv,) = torch.autograd.grad(l_in.mean(), v, create_graph=True)
-        cross: Sequence[Tensor | None]
-        if params and gv.requires_grad:
-            cross = torch.autograd.grad(gv, params, grad_outputs=a_in, allow_unused=True)
-        else:
-            cross = [None] * len(params)
+        with self._phase("cross"):
+            v = v_in.clone().requires_grad_(True)
+            l_in = problem.eval_inner(outer, v, inner_batch)
+            (gv,) = torch.autograd.grad(l_in.mean(), v, create_graph=True)
+            cross: Sequence[Tensor | None]
+            if params and gv.requires_grad:
+                cross = torch.autograd.grad(gv, params, grad_outputs=a_in, allow_unused=True)
+            else:
+                cross = [None] * len(params)
         total = add_grads(g_omega, cross)
         out = finish_outer_grads(outer, total)
         self.stats = {

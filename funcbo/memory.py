@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -68,4 +71,51 @@ def low_mmap_threshold_env() -> dict[str, str]:
     return env
 
 
-__all__ = ["current_bytes", "low_mmap_threshold_env", "peak_bytes", "reset_peak"]
+class PhaseMeter:
+    """Time and peak memory of the named phases of one call, above the memory at its start.
+
+    ``start()`` records the memory in use (the call's baseline); each ``with meter.phase(name):``
+    resets the peak counter, runs its block and records the seconds it took and its peak memory
+    minus the baseline, in MB (so a phase's figure includes what earlier phases still hold). A
+    phase entered twice in one call keeps the larger peak and the summed time. On CUDA the
+    device is synchronised around each phase.
+
+    Estimators that support it (:class:`~funcbo.FuncID`) accept one as ``phase_meter`` and time
+    their own phases; without one they pay nothing.
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.baseline = 0
+        self.phases: dict[str, dict[str, float]] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        """Begin a call: forget earlier phases and take the current memory as the baseline."""
+        self._sync()
+        self.phases = {}
+        self.baseline = current_bytes(self.device)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Measure the enclosed block as phase ``name``."""
+        self._sync()
+        reset_peak(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            seconds = time.perf_counter() - t0
+            peak = max(peak_bytes(self.device) - self.baseline, 0) / 2**20
+            old = self.phases.get(name)
+            if old is not None:
+                seconds += old["time_s"]
+                peak = max(peak, old["peak_mb"])
+            self.phases[name] = {"time_s": seconds, "peak_mb": peak}
+
+
+__all__ = ["PhaseMeter", "current_bytes", "low_mmap_threshold_env", "peak_bytes", "reset_peak"]

@@ -210,3 +210,19 @@ def test_known_output_hessian_skips_autodiff_and_agrees():
     )
     (g,) = est.step(known, outer, lq.inner_batch, lq.outer_batch)
     assert rel_err(g, lq.grad(outer.weight.detach())) <= 1e-6
+
+
+def test_phase_meter_times_every_phase_and_changes_nothing():
+    from funcbo.memory import PhaseMeter
+
+    lq, outer, inner = _lq_at_solution()
+    est = funcbo.FuncID(
+        inner, torch.optim.SGD(inner.parameters(), lr=0.1), 0, funcbo.LinearAdjoint(ridge=1e-12)
+    )
+    g0 = est.hypergradient(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    est.phase_meter = PhaseMeter()
+    g1 = est.hypergradient(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    assert torch.equal(g0[0], g1[0])
+    phases = est.phase_meter.phases
+    assert list(phases) == ["forward", "outer_grad", "hessian", "solve", "cross"]
+    assert all(p["time_s"] >= 0 and p["peak_mb"] >= 0 for p in phases.values())
