@@ -2,11 +2,16 @@
 
 Methods, all on the same instrumental-variable-like functional bilevel problem
 
-    inner:  ℓ_in(ω, v, (x, t)) = ½‖v − ψ_ω(t)‖²,        h*_ω = argmin_h E_in[ℓ_in(ω, h(x), t)]
-    outer:  ℓ_out(ω, v, (x, y)) = ½(y − u_ω(v))²,        F(ω) = E_out[ℓ_out(ω, h*_ω(x), y)]
+    inner:  ℓ_in(ω, v, (x, t)) = s‖v − ψ_ω(t)‖²,        h*_ω = argmin_h E_in[ℓ_in(ω, h(x), t)]
+    outer:  ℓ_out(ω, v, (x, y)) = s(y − u_ω(v))²,        F(ω) = E_out[ℓ_out(ω, h*_ω(x), y)]
 
 with continuous instruments x, ω = a small fixed-size treatment network ψ and a linear head u,
-and an inner MLP h of depth 3 whose width varies:
+and an inner MLP h of depth 3 whose width varies. Two instances (``--instances``):
+
+* ``base``: batch 256, x ∈ R³², t ∈ R⁸, ψ: 8 → 64 → 16 (tanh), d_v = 16, s = ½;
+  widths 64, 256, 1024, 4096;
+* ``large``: batch 1024, x ∈ R³, t ∈ R⁶⁴, ψ: 64 → 128 → 32 (tanh), d_v = 32, s = 1;
+  width 1024, and 4096 with ``--large-4096`` (TorchOpt alone then takes about 100 s a call).
 
 * ``funcid_linear``: ``FuncID.hypergradient`` with ``LinearAdjoint`` (closed form on the last
   hidden features): all the work after the inner steps.
@@ -20,16 +25,22 @@ and an inner MLP h of depth 3 whose width varies:
 * ``plain_step``: forward and backward of the inner and outer losses on the same batches, the
   cost of one ordinary gradient step, for scale.
 
-Every (method, width) runs in a fresh process (this script re-invoking itself with
+Every (instance, method, width) runs in a fresh process (this script re-invoking itself with
 ``--worker``), with ``MALLOC_MMAP_THRESHOLD_=65536`` so that the resident set tracks live tensors.
 A worker builds the models from fixed seeds, trains the inner model a few Adam steps, makes one
 warm-up call, then times ``--repeats`` calls (median). The extra memory of a call is its peak
-resident set (CUDA: peak allocated bytes) minus the memory in use just before it. The script
-prints a table with ratios to ``funcid_linear`` and the targets, and writes JSON.
+resident set (CUDA: peak allocated bytes) minus the memory in use just before it. For the two
+FuncID methods, ``--repeats`` further calls with a :class:`funcbo.memory.PhaseMeter` break the
+call down into its phases (forward passes, outer gradient, output Hessian, adjoint solve, cross
+derivative): the time of each and its peak memory above the call's start. The script prints,
+per instance, a table with ratios to ``funcid_linear`` and to a plain step, the phase table and
+the targets, and writes JSON.
 
 Usage::
 
-    python benchmarks/hypergradient_cost.py                      # full sweep, widths 64..4096
+    python benchmarks/hypergradient_cost.py                      # both instances (~15 min)
+    python benchmarks/hypergradient_cost.py --large-4096         # and the large one at 4096
+    python benchmarks/hypergradient_cost.py --instances large --methods funcid_linear plain_step
     python benchmarks/hypergradient_cost.py --widths 64 256 --repeats 3
     python benchmarks/hypergradient_cost.py --check              # funcbo AID vs TorchOpt only
 """
@@ -58,7 +69,13 @@ from torch.func import functional_call
 from funcbo import AID, CG, ITD, BilevelProblem, FuncID, LinearAdjoint, NetworkAdjoint
 from funcbo.inner import InnerSolver
 from funcbo.io import atomic_write_json
-from funcbo.memory import current_bytes, low_mmap_threshold_env, peak_bytes, reset_peak
+from funcbo.memory import (
+    PhaseMeter,
+    current_bytes,
+    low_mmap_threshold_env,
+    peak_bytes,
+    reset_peak,
+)
 from funcbo.synthetic import mlp
 
 METHODS = ("funcid_linear", "funcid_network", "aid_cg", "torchopt_aid_cg", "itd", "plain_step")
@@ -74,11 +91,40 @@ NOTES = {
 RESULT_TAG = "RESULT_JSON "
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "hypergradient_cost.json"
 MB = 2.0**20
+#: the problem's sizes, set by an instance (each can be overridden on the command line)
+INSTANCE_KEYS = ("batch", "in_dim", "treat_dim", "treat_hidden", "out_dim", "loss_scale")
+#: the instances: sizes and default widths
+INSTANCES: dict[str, dict[str, Any]] = {
+    # batch 256, d_v = 16, losses with a ½
+    "base": {
+        "batch": 256,
+        "in_dim": 32,
+        "treat_dim": 8,
+        "treat_hidden": 64,
+        "out_dim": 16,
+        "loss_scale": 0.5,
+        "widths": [64, 256, 1024, 4096],
+    },
+    # batch 1024, d_v = 32, 3-dimensional instruments, ‖v − ψ(t)‖² and (y − u(v))²
+    "large": {
+        "batch": 1024,
+        "in_dim": 3,
+        "treat_dim": 64,
+        "treat_hidden": 128,
+        "out_dim": 32,
+        "loss_scale": 1.0,
+        "widths": [1024],
+    },
+}
+#: widths of the large instance with --large-4096 (TorchOpt takes about 100 s a call at 4096)
+LARGE_FULL_WIDTHS = [1024, 4096]
 #: options a worker needs, passed on from the parent's command line
 CFG_KEYS = (
-    "depth batch in_dim treat_dim out_dim dtype device threads repeats train_steps inner_lr "
-    "adjoint_steps cg_iters unroll itd_lr seed check_damping check_cg_iters"
-).split()
+    "depth dtype device threads repeats train_steps inner_lr adjoint_steps cg_iters unroll "
+    "itd_lr seed check_damping check_cg_iters"
+).split() + list(INSTANCE_KEYS)
+#: FuncID's phases, in call order (see funcbo.memory.PhaseMeter)
+PHASES = ("forward", "outer_grad", "hessian", "solve", "cross")
 
 
 # ------------------------------------------------------------------------------- the problem
@@ -95,14 +141,19 @@ class TreatmentNet(nn.Module):
         return self.psi(t)
 
 
-def inner_loss(outer: Callable[[Tensor], Tensor], pred: Tensor, batch: dict[str, Tensor]) -> Tensor:
-    """ℓ_in = ½‖v − ψ_ω(t)‖² per sample (``outer`` only needs to map t to ψ(t))."""
-    return 0.5 * ((pred - outer(batch["t"])) ** 2).sum(1)
+def make_problem(scale: float = 0.5) -> BilevelProblem:
+    """ℓ_in = s‖v − ψ_ω(t)‖² and ℓ_out = s(y − u(v))² per sample (s = ``scale``)."""
 
+    def inner_loss(
+        outer: Callable[[Tensor], Tensor], pred: Tensor, batch: dict[str, Tensor]
+    ) -> Tensor:
+        # `outer` only needs to map t to ψ(t) (TorchOpt's objective passes a function).
+        return scale * ((pred - outer(batch["t"])) ** 2).sum(1)
 
-def outer_loss(outer: TreatmentNet, pred: Tensor, batch: dict[str, Tensor]) -> Tensor:
-    """ℓ_out = ½(y − u(v))² per sample."""
-    return 0.5 * ((batch["y"] - outer.head(pred)) ** 2).sum(1)
+    def outer_loss(outer: TreatmentNet, pred: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        return scale * ((batch["y"] - outer.head(pred)) ** 2).sum(1)
+
+    return BilevelProblem(inner_loss, outer_loss)
 
 
 def make_batches(
@@ -141,10 +192,11 @@ class Setup:
         self.width = width
         self.dtype = getattr(torch, cfg["dtype"])
         self.device = torch.device(cfg["device"])
-        self.problem = BilevelProblem(inner_loss, outer_loss)
+        self.problem = make_problem(cfg["loss_scale"])
         self.inner_batch, self.outer_batch = make_batches(cfg, self.dtype, self.device)
         torch.manual_seed(cfg["seed"] + 1)
-        self.outer = TreatmentNet(cfg["treat_dim"], cfg["out_dim"]).to(self.dtype).to(self.device)
+        self.outer = TreatmentNet(cfg["treat_dim"], cfg["out_dim"], cfg["treat_hidden"])
+        self.outer = self.outer.to(self.dtype).to(self.device)
         torch.manual_seed(cfg["seed"] + 2)
         sizes = [cfg["in_dim"], *([width] * cfg["depth"]), cfg["out_dim"]]
         self.inner = mlp(sizes).to(self.dtype).to(self.device)
@@ -217,26 +269,32 @@ def torchopt_call(s: Setup, cg_iters: int, damping: float = 0.0) -> tuple[Call, 
     return call, lambda: {"hessian_vector_products": count["hvp"]}
 
 
-def method_call(method: str, s: Setup) -> tuple[Call, Info]:
-    """The measured work of ``method`` on ``s`` (a zero-argument function) and its diagnostics."""
+def funcid(method: str, s: Setup) -> FuncID:
+    """The FuncID estimator of ``funcid_linear`` or ``funcid_network`` on ``s``."""
+    adjoint = (
+        LinearAdjoint()
+        if method == "funcid_linear"
+        else NetworkAdjoint(steps=s.cfg["adjoint_steps"])
+    )
+    return FuncID(s.inner, s.inner_opt, adjoint=adjoint)
+
+
+def method_call(method: str, s: Setup) -> tuple[Call, Info, FuncID | None]:
+    """The measured work of ``method`` on ``s`` (a zero-argument function), its diagnostics,
+    and the FuncID estimator behind it (None for the other methods)."""
     cfg = s.cfg
     prob, outer, ib, ob = s.problem, s.outer, s.inner_batch, s.outer_batch
     if method in ("funcid_linear", "funcid_network"):
-        adjoint = (
-            LinearAdjoint()
-            if method == "funcid_linear"
-            else NetworkAdjoint(steps=cfg["adjoint_steps"])
-        )
-        est = FuncID(s.inner, s.inner_opt, adjoint=adjoint)
-        return lambda: est.hypergradient(prob, outer, ib, ob), lambda: dict(est.stats)
+        est = funcid(method, s)
+        return lambda: est.hypergradient(prob, outer, ib, ob), lambda: dict(est.stats), est
     if method == "aid_cg":
         aid = AID(s.inner, s.inner_opt, solver=CG(maxiter=cfg["cg_iters"]), warm_start=False)
-        return lambda: aid.hypergradient(prob, outer, ib, ob), lambda: dict(aid.stats)
+        return lambda: aid.hypergradient(prob, outer, ib, ob), lambda: dict(aid.stats), None
     if method == "torchopt_aid_cg":
-        return torchopt_call(s, cfg["cg_iters"])
+        return (*torchopt_call(s, cfg["cg_iters"]), None)
     if method == "itd":
         itd = ITD(s.inner, lr=cfg["itd_lr"], unroll=cfg["unroll"])
-        return lambda: itd.step(prob, outer, [ib], ob), lambda: dict(itd.stats)
+        return lambda: itd.step(prob, outer, [ib], ob), lambda: dict(itd.stats), None
     if method == "plain_step":
         params = [*s.inner.parameters(), *outer.parameters()]
 
@@ -245,7 +303,7 @@ def method_call(method: str, s: Setup) -> tuple[Call, Info]:
             l_out = prob.outer_loss(outer, prob.predict(s.inner, ob, "outer"), ob).mean()
             return torch.autograd.grad(l_in + l_out, params)
 
-        return plain, dict
+        return plain, dict, None
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -314,15 +372,42 @@ def measure(fn: Callable[[], Any], repeats: int, device: torch.device) -> dict[s
     }
 
 
+def measure_phases(
+    est: FuncID, fn: Callable[[], Any], repeats: int, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """FuncID's phases over ``repeats`` more calls: median time (ms) and peak extra memory (MB).
+
+    Separate from the timed calls, so that the phase meter (which resets the peak counter
+    between phases) changes neither their times nor their peaks. A phase's peak is measured
+    from the memory in use when the call starts, so it includes what earlier phases still hold.
+    """
+    est.phase_meter = PhaseMeter(device)
+    runs = []
+    for _ in range(repeats):
+        gc.collect()
+        out = fn()
+        runs.append(dict(est.phase_meter.phases))
+        del out
+    est.phase_meter = None
+    return {
+        name: {
+            "time_ms": statistics.median(r[name]["time_s"] * 1e3 for r in runs),
+            "peak_mb": statistics.median(r[name]["peak_mb"] for r in runs),
+        }
+        for name in runs[0]
+    }
+
+
 def worker(cfg: dict[str, Any], method: str, width: int) -> dict[str, Any]:
     """Measure one (method, width) in this process."""
     torch.set_num_threads(cfg["threads"])
     s = Setup(cfg, width)
-    fn, info = method_call(method, s)
+    fn, info, est = method_call(method, s)
     res = measure(fn, cfg["repeats"], s.device)
     res.update(
         stats=info(),
         cg_iters=cfg["cg_iters"],
+        adjoint_steps=cfg["adjoint_steps"],
         method=method,
         width=width,
         status="ok",
@@ -330,6 +415,8 @@ def worker(cfg: dict[str, Any], method: str, width: int) -> dict[str, Any]:
         inner_train_loss=s.train_loss,
         threads=torch.get_num_threads(),
     )
+    if est is not None:
+        res["phases"] = measure_phases(est, fn, cfg["repeats"], s.device)
     return res
 
 
@@ -374,21 +461,21 @@ def check_worker(cfg: dict[str, Any], width: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ orchestration
-def _worker_cmd(args: argparse.Namespace, extra: list[str]) -> list[str]:
+def _worker_cmd(cfg: dict[str, Any], extra: list[str]) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), *extra]
     for name in CFG_KEYS:
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        cmd += [f"--{name.replace('_', '-')}", str(cfg[name])]
     return cmd
 
 
-def run_worker(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+def run_worker(args: argparse.Namespace, cfg: dict[str, Any], extra: list[str]) -> dict[str, Any]:
     """Run a worker in a fresh process; its last ``RESULT_JSON`` line is the result."""
     env = low_mmap_threshold_env()
-    env["OMP_NUM_THREADS"] = str(args.threads)
-    env["MKL_NUM_THREADS"] = str(args.threads)
+    env["OMP_NUM_THREADS"] = str(cfg["threads"])
+    env["MKL_NUM_THREADS"] = str(cfg["threads"])
     try:
         proc = subprocess.run(
-            _worker_cmd(args, extra),
+            _worker_cmd(cfg, extra),
             env=env,
             capture_output=True,
             text=True,
@@ -411,51 +498,74 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _key(r: dict[str, Any]) -> tuple[str, int]:
+    return r.get("instance", "base"), r["width"]
+
+
 def add_ratios(results: list[dict[str, Any]]) -> None:
-    """Time and memory ratios of every result to ``funcid_linear`` at the same width."""
-    ref = {r["width"]: r for r in results if r["method"] == REFERENCE and r["status"] == "ok"}
+    """Time and memory ratios of every result to ``funcid_linear`` (same instance and width)."""
+    ref = {_key(r): r for r in results if r["method"] == REFERENCE and r["status"] == "ok"}
     for r in results:
-        base = ref.get(r["width"])
+        base = ref.get(_key(r))
         ok = r["status"] == "ok" and base is not None
         r["time_ratio"] = _ratio(r.get("time_ms"), base["time_ms"]) if ok else None
         r["mem_ratio"] = _ratio(r.get("extra_mb"), base["extra_mb"]) if ok else None
 
 
-def _get(results: list[dict[str, Any]], method: str, width: int) -> dict[str, Any] | None:
+def _get(
+    results: list[dict[str, Any]], method: str, width: int, instance: str = "base"
+) -> dict[str, Any] | None:
     for r in results:
-        if r["method"] == method and r["width"] == width and r["status"] == "ok":
+        if r["method"] == method and _key(r) == (instance, width) and r["status"] == "ok":
             return r
     return None
 
 
+#: (method, what, other method, key, bound) of the targets; a None bound is K + 1 (see below)
+TARGETS: tuple[tuple[str, str, str, str, float | None], ...] = (
+    ("funcid_linear", "time", "torchopt_aid_cg", "time_ms", 0.1),
+    ("funcid_linear", "extra memory", "torchopt_aid_cg", "extra_mb", 0.2),
+    ("funcid_linear", "time", "plain_step", "time_ms", 0.6),
+    ("funcid_linear", "extra memory", "plain_step", "extra_mb", 1.0),
+    ("funcid_linear", "time", "aid_cg", "time_ms", 0.1),
+    ("funcid_linear", "extra memory", "aid_cg", "extra_mb", 0.2),
+    # The network adjoint's K Adam steps each cost about one gradient step on a network of the
+    # inner model's size: at most K + 1 plain steps (the +1: the forward passes around them),
+    # and no more memory than one plain step, with 10% for the optimizer's temporaries.
+    ("funcid_network", "time", "plain_step", "time_ms", None),
+    ("funcid_network", "extra memory", "plain_step", "extra_mb", 1.1),
+)
+
+
 def evaluate_targets(results: list[dict[str, Any]], min_width: int = 1024) -> list[dict[str, Any]]:
-    """The issue's targets at every measured width ≥ ``min_width``."""
+    """The targets at every measured instance and width ≥ ``min_width``.
+
+    Against TorchOpt's AID where it ran; without it funcbo's AID stands in (said in the
+    target's name), otherwise comparisons with funcbo's AID are secondary (``primary`` False).
+    """
     aid_ref = "torchopt_aid_cg"
     if not any(r["method"] == aid_ref and r["status"] == "ok" for r in results):
-        aid_ref = "aid_cg"  # TorchOpt missing: the funcbo AID stands in (said in the name)
-    specs = [
-        ("time", aid_ref, "time_ms", 0.1),
-        ("extra memory", aid_ref, "extra_mb", 0.2),
-        ("time", "plain_step", "time_ms", 0.6),
-        ("time", "aid_cg", "time_ms", 0.1),
-        ("extra memory", "aid_cg", "extra_mb", 0.2),
-    ]
-    if aid_ref == "aid_cg":
-        specs = specs[:3]
-    widths = sorted({r["width"] for r in results if r["width"] >= min_width})
+        aid_ref = "aid_cg"
+    keys = sorted({_key(r) for r in results if r["width"] >= min_width})
     out = []
-    for w in widths:
-        f = _get(results, REFERENCE, w)
-        for what, other, key, bound in specs:
-            o = _get(results, other, w)
+    for instance, w in keys:
+        for method, what, other, key, bound in TARGETS:
+            if other == "torchopt_aid_cg" and aid_ref == "aid_cg":
+                continue
+            f = _get(results, method, w, instance)
+            if f is None and method != REFERENCE:
+                continue  # a method not run: no target
+            o = _get(results, other, w, instance)
             ratio = _ratio(f[key], o[key]) if f and o else None
+            b = float(f.get("adjoint_steps", 10) + 1) if bound is None and f else bound or 0.0
             out.append(
                 {
-                    "target": f"{REFERENCE} {what} <= {bound}x {other}",
+                    "instance": instance,
+                    "target": f"{method} {what} <= {b:g}x {other}",
                     "width": w,
                     "ratio": ratio,
-                    "bound": bound,
-                    "met": None if ratio is None else ratio <= bound,
+                    "bound": b,
+                    "met": None if ratio is None else ratio <= b,
                     "primary": other != "aid_cg" or aid_ref == "aid_cg",
                 }
             )
@@ -489,29 +599,57 @@ def _notes(r: dict[str, Any]) -> str:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table: method × width with absolute figures and ratios to funcid_linear."""
+    """Markdown table: method × width with absolute figures and ratios to funcid_linear and
+    to a plain gradient step (same instance and width)."""
     lines = [
         "| width | params | method | time (ms) | extra memory (MB) | time / funcid_linear "
-        "| memory / funcid_linear | notes |",
-        "|---:|---:|---|---:|---:|---:|---:|---|",
+        "| memory / funcid_linear | time / plain_step | memory / plain_step | notes |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     order = {m: i for i, m in enumerate(METHODS)}
-    for r in sorted(results, key=lambda r: (r["width"], order.get(r["method"], 99))):
+    for r in sorted(results, key=lambda r: (_key(r), order.get(r["method"], 99))):
         if r["status"] != "ok":
             lines.append(
-                f"| {r['width']} | | {r['method']} | {r['status']} | | | | {r.get('note', '')} |"
+                f"| {r['width']} | | {r['method']} | {r['status']} | | | | | | "
+                f"{r.get('note', '')} |"
             )
             continue
+        plain = _get(results, "plain_step", r["width"], r.get("instance", "base"))
+        t_plain = _ratio(r["time_ms"], plain["time_ms"]) if plain else None
+        m_plain = _ratio(r["extra_mb"], plain["extra_mb"]) if plain else None
         lines.append(
             f"| {r['width']} | {r['n_params'] / 1e6:.2f}M | {r['method']} | {r['time_ms']:.1f} "
-            f"| {r['extra_mb']:.1f} | {_fmt(r['time_ratio'], '.3f')} "
-            f"| {_fmt(r['mem_ratio'], '.3f')} | {_notes(r)} |"
+            f"| {r['extra_mb']:.1f} | {_fmt(r.get('time_ratio'), '.3f')} "
+            f"| {_fmt(r.get('mem_ratio'), '.3f')} | {_fmt(t_plain, '.3f')} "
+            f"| {_fmt(m_plain, '.3f')} | {_notes(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def format_phases(results: list[dict[str, Any]]) -> str:
+    """Markdown table of FuncID's phases: time (ms) / peak extra memory (MB) of each."""
+    rows = [r for r in results if r["status"] == "ok" and r.get("phases")]
+    if not rows:
+        return ""
+    lines = [
+        "| width | method | " + " | ".join(PHASES) + " | whole call |",
+        "|---:|---|" + "---:|" * (len(PHASES) + 1),
+    ]
+    for r in sorted(rows, key=lambda r: (_key(r), r["method"])):
+        cells = []
+        for name in PHASES:
+            ph = r["phases"].get(name)
+            cells.append("" if ph is None else f"{ph['time_ms']:.1f} / {ph['peak_mb']:.1f}")
+        lines.append(
+            f"| {r['width']} | {r['method']} | "
+            + " | ".join(cells)
+            + f" | {r['time_ms']:.1f} / {r['extra_mb']:.1f} |"
         )
     return "\n".join(lines)
 
 
 def format_targets(targets: list[dict[str, Any]]) -> str:
-    """One line per target and width: met or missed with the measured ratio."""
+    """One line per target, instance and width: met or missed with the measured ratio."""
     if not targets:
         return "No width >= 1024 was measured: the targets are not evaluated."
     lines = []
@@ -519,8 +657,8 @@ def format_targets(targets: list[dict[str, Any]]) -> str:
         verdict = "n/a (missing)" if t["met"] is None else ("met" if t["met"] else "MISSED")
         tag = "" if t["primary"] else "  [also vs funcbo's AID]"
         lines.append(
-            f"- width {t['width']}: {t['target']}: ratio {_fmt(t['ratio'], '.3f')} -> "
-            f"{verdict}{tag}"
+            f"- {t.get('instance', 'base')}, width {t['width']}: {t['target']}: ratio "
+            f"{_fmt(t['ratio'], '.3f')} -> {verdict}{tag}"
         )
     return "\n".join(lines)
 
@@ -557,13 +695,27 @@ def environment(threads: int) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (the worker options are internal)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    p.add_argument(
+        "--instances", nargs="+", default=list(INSTANCES), choices=list(INSTANCES),
+        help="problem instances to measure (default: all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--widths", type=int, nargs="+", default=None,
+        help="inner widths for every instance (default: base 64 256 1024 4096, large 1024)",
+    )  # fmt: skip
+    p.add_argument(
+        "--large-4096", action="store_true",
+        help="measure the large instance at widths 1024 and 4096 (adds about 40 minutes)",
+    )  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--depth", type=int, default=3, help="hidden layers of the inner MLP")
-    p.add_argument("--batch", type=int, default=256, help="inner and outer batch size")
-    p.add_argument("--in-dim", type=int, default=32, help="instrument dimension")
-    p.add_argument("--treat-dim", type=int, default=8, help="treatment dimension")
-    p.add_argument("--out-dim", type=int, default=16, help="inner model output dimension d_v")
+    # The instance's sizes; None: the instance's own value.
+    p.add_argument("--batch", type=int, default=None, help="inner and outer batch size")
+    p.add_argument("--in-dim", type=int, default=None, help="instrument dimension")
+    p.add_argument("--treat-dim", type=int, default=None, help="treatment dimension")
+    p.add_argument("--treat-hidden", type=int, default=None, help="treatment network width")
+    p.add_argument("--out-dim", type=int, default=None, help="inner model output dimension d_v")
+    p.add_argument("--loss-scale", type=float, default=None, help="s in s‖v − ψ‖², s(y − u)²")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in workers")
@@ -595,16 +747,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _cfg(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in CFG_KEYS}
+def _cfg(args: argparse.Namespace, instance: str = "base") -> dict[str, Any]:
+    """The worker configuration: the command line, with ``instance``'s sizes where not given."""
+    preset = INSTANCES[instance]
+    cfg = {k: getattr(args, k) for k in CFG_KEYS}
+    for k in INSTANCE_KEYS:
+        if cfg[k] is None:
+            cfg[k] = preset[k]
+    return cfg
+
+
+def _widths(args: argparse.Namespace, instance: str) -> list[int]:
+    if args.widths is not None:
+        return list(args.widths)
+    if instance == "large" and args.large_4096:
+        return list(LARGE_FULL_WIDTHS)
+    return list(INSTANCES[instance]["widths"])
 
 
 def run_check(args: argparse.Namespace) -> dict[str, Any]:
-    """The funcbo-vs-TorchOpt AID agreement check in a fresh process (printed and returned)."""
+    """The funcbo-vs-TorchOpt AID agreement check (base instance) in a fresh process."""
     if not have_torchopt():
         print("check: TorchOpt is not installed (pip install -e '.[bench]'); skipped")
         return {"status": "skipped", "note": "torchopt not installed"}
-    res = run_worker(args, ["--check-worker", "--width", str(args.check_width)])
+    res = run_worker(args, _cfg(args), ["--check-worker", "--width", str(args.check_width)])
     if res.get("status") == "failed":
         print(f"check failed: {res['note']}")
         return res
@@ -630,22 +796,24 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: a worker, the check, or the full sweep."""
     args = parse_args(argv)
-    cfg = _cfg(args)
-    if args.worker:
-        res = worker(cfg, args.worker, args.width)
-        print(RESULT_TAG + json.dumps(res), flush=True)
-        return 0
-    if args.check_worker:
-        res = check_worker(cfg, args.width)
+    if args.worker or args.check_worker:
+        cfg = {k: getattr(args, k) for k in CFG_KEYS}  # the parent passes every option
+        if args.worker:
+            res = worker(cfg, args.worker, args.width)
+        else:
+            res = check_worker(cfg, args.width)
         print(RESULT_TAG + json.dumps(res), flush=True)
         return 0
 
+    instances = {
+        name: {**_cfg(args, name), "widths": _widths(args, name)} for name in args.instances
+    }
     record: dict[str, Any] = {
         "benchmark": "hypergradient_cost",
         "command": " ".join(
             ["python", "benchmarks/hypergradient_cost.py", *(argv or sys.argv[1:])]
         ),
-        "config": {**cfg, "widths": args.widths, "methods": args.methods},
+        "config": {"methods": args.methods, "instances": instances},
         "environment": environment(args.threads),
         "methods": {m: NOTES[m] for m in args.methods},
         "load_average_start": list(os.getloadavg()),
@@ -659,20 +827,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     torchopt_ok = have_torchopt()
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    for width in args.widths:
-        for method in args.methods:
-            if method == "torchopt_aid_cg" and not torchopt_ok:
-                res = {"status": "skipped", "note": "torchopt not installed"}
-            else:
-                res = run_worker(args, ["--worker", method, "--width", str(width)])
-            res.update(method=method, width=width)
-            results.append(res)
-            shown = (
-                f"{res['time_ms']:10.1f} ms {res['extra_mb']:9.1f} MB"
-                if res["status"] == "ok"
-                else f"{res['status']}: {res.get('note', '')}"
-            )
-            print(f"  width {width:5d}  {method:16s} {shown}", flush=True)
+    for name, icfg in instances.items():
+        cfg = {k: icfg[k] for k in CFG_KEYS}
+        for width in icfg["widths"]:
+            for method in args.methods:
+                if method == "torchopt_aid_cg" and not torchopt_ok:
+                    res = {"status": "skipped", "note": "torchopt not installed"}
+                else:
+                    res = run_worker(args, cfg, ["--worker", method, "--width", str(width)])
+                res.update(instance=name, method=method, width=width)
+                results.append(res)
+                shown = (
+                    f"{res['time_ms']:10.1f} ms {res['extra_mb']:9.1f} MB"
+                    if res["status"] == "ok"
+                    else f"{res['status']}: {res.get('note', '')}"
+                )
+                print(f"  {name:5s} width {width:5d}  {method:16s} {shown}", flush=True)
     add_ratios(results)
     targets = evaluate_targets(results)
     record.update(
@@ -681,12 +851,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         wall_time_s=time.perf_counter() - t_start,
         load_average_end=list(os.getloadavg()),
     )
-    print()
-    print(
-        f"One total-gradient estimate, depth {args.depth}, batch {args.batch}, {args.dtype}, "
-        f"{args.device}, {args.threads} threads, median of {args.repeats} calls:"
-    )
-    print(format_table(results))
+    for name, icfg in instances.items():
+        rows = [r for r in results if r["instance"] == name]
+        print(
+            f"\n{name}: one total-gradient estimate, depth {args.depth}, batch {icfg['batch']}, "
+            f"d_v {icfg['out_dim']}, {args.dtype}, {args.device}, {args.threads} threads, "
+            f"median of {args.repeats} calls:"
+        )
+        print(format_table(rows))
+        phases = format_phases(rows)
+        if phases:
+            print(f"\n{name}: FuncID's phases, time (ms) / peak extra memory (MB):")
+            print(phases)
     print()
     print("Targets (width >= 1024):")
     print(format_targets(targets))

@@ -37,6 +37,7 @@ def test_hypergradient_cost_tiny(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         str(SCRIPT),
+        "--instances", "base",
         "--widths", "16",
         "--repeats", "1",
         "--batch", "16",
@@ -48,10 +49,18 @@ def test_hypergradient_cost_tiny(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Targets" in proc.stdout
+    assert "FuncID's phases" in proc.stdout
     record = json.loads(out.read_text())
     bench = _load()
     results = {r["method"]: r for r in record["results"]}
     assert set(results) == set(bench.METHODS)
+    assert {r["instance"] for r in record["results"]} == {"base"}
+    assert record["config"]["instances"]["base"]["batch"] == 16  # the override
+    assert record["config"]["instances"]["base"]["out_dim"] == 16  # the instance's own
+    for method in ("funcid_linear", "funcid_network"):
+        phases = results[method]["phases"]
+        assert set(phases) == set(bench.PHASES)
+        assert all(p["time_ms"] >= 0 and p["peak_mb"] >= 0 for p in phases.values())
     for method, r in results.items():
         if method == "torchopt_aid_cg" and not _torchopt_available():
             assert r["status"] == "skipped"
@@ -76,7 +85,8 @@ def test_torchopt_missing_is_skipped(
     bench = _load()
     monkeypatch.setitem(sys.modules, "torchopt", None)  # makes `import torchopt` fail
     out = tmp_path / "cost.json"
-    argv = ["--widths", "16", "--methods", "torchopt_aid_cg", "--out", str(out)]
+    argv = ["--instances", "base", "--widths", "16", "--methods", "torchopt_aid_cg"]
+    argv += ["--out", str(out)]
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
     assert record["check"]["status"] == "skipped"
@@ -89,19 +99,38 @@ def test_targets_report_misses() -> None:
     """A target that is not reached is reported as missed with its ratio."""
     bench = _load()
 
-    def row(method: str, t: float, m: float) -> dict[str, object]:
-        return {"method": method, "width": 1024, "status": "ok", "time_ms": t, "extra_mb": m}
+    def row(method: str, t: float, m: float, instance: str = "base") -> dict[str, object]:
+        return {
+            "instance": instance,
+            "method": method,
+            "width": 1024,
+            "status": "ok",
+            "time_ms": t,
+            "extra_mb": m,
+            "adjoint_steps": 10,
+        }
 
     results = [
         row("funcid_linear", 10.0, 5.0),
         row("torchopt_aid_cg", 50.0, 100.0),
         row("aid_cg", 200.0, 100.0),
         row("plain_step", 20.0, 10.0),
+        row("funcid_network", 230.0, 10.0),
+        row("funcid_linear", 13.0, 5.0, "large"),
+        row("plain_step", 20.0, 4.0, "large"),
     ]
     bench.add_ratios(results)
-    targets = {(t["target"], t["width"]): t for t in bench.evaluate_targets(results)}
-    time_vs_torchopt = targets[("funcid_linear time <= 0.1x torchopt_aid_cg", 1024)]
+    targets = {(t["instance"], t["target"], t["width"]): t for t in bench.evaluate_targets(results)}
+    time_vs_torchopt = targets[("base", "funcid_linear time <= 0.1x torchopt_aid_cg", 1024)]
     assert time_vs_torchopt["ratio"] == pytest.approx(0.2) and time_vs_torchopt["met"] is False
-    assert targets[("funcid_linear extra memory <= 0.2x torchopt_aid_cg", 1024)]["met"] is True
-    assert targets[("funcid_linear time <= 0.6x plain_step", 1024)]["met"] is True
+    assert targets[("base", "funcid_linear extra memory <= 0.2x torchopt_aid_cg", 1024)]["met"]
+    assert targets[("base", "funcid_linear time <= 0.6x plain_step", 1024)]["met"] is True
+    assert targets[("base", "funcid_linear extra memory <= 1x plain_step", 1024)]["met"] is True
+    network = targets[("base", "funcid_network time <= 11x plain_step", 1024)]
+    assert network["ratio"] == pytest.approx(11.5) and network["met"] is False
+    # Each instance against its own plain step; no TorchOpt row there: n/a, not a pass.
+    assert targets[("large", "funcid_linear time <= 0.6x plain_step", 1024)]["met"] is False
+    assert targets[("large", "funcid_linear extra memory <= 1x plain_step", 1024)]["met"] is False
+    assert targets[("large", "funcid_linear time <= 0.1x torchopt_aid_cg", 1024)]["met"] is None
     assert "MISSED" in bench.format_targets(list(targets.values()))
+    assert "| 1024 | 0.00M |" not in bench.format_table([])  # an empty table is only a header
