@@ -60,9 +60,15 @@ def _batched(agents: list[Agent]) -> BatchedUpdater:
         [a.target_q for a in agents],
         [a.model for a in agents] if kind != "model_free" else None,  # type: ignore[misc]
         [a.values for a in agents] if kind == "vep" else None,  # type: ignore[misc]
+        [_adjoint_q(a) for a in agents] if kind == "funcid_network" else None,
         inner_lrs=[a.method.inner_lr for a in agents],
         taus=[a.cfg.tau for a in agents],
     )
+
+
+def _adjoint_q(agent: Agent) -> torch.nn.Module:
+    """The DoubleQ inside funcid_network's adjoint (StateActionInput(ScaledOutput(QOfAction)))."""
+    return agent.updater.estimator.adjoint.model.module.module.q  # type: ignore[attr-defined]
 
 
 def _compare(agents: list[Agent], bu: BatchedUpdater, tol: float = 1e-10) -> float:
@@ -73,6 +79,8 @@ def _compare(agents: list[Agent], bu: BatchedUpdater, tol: float = 1e-10) -> flo
             (ensemble_params(a.q.net), nets["q"]),
             (ensemble_params(a.target_q.net), nets["target_q"]),
         ]
+        if a.method.kind == "funcid_network":
+            pairs.append((ensemble_params(_adjoint_q(a).net), nets["adjoint"]))
         if a.model is not None:
             pairs.append((sequential_params(a.model.next_state), nets["model_next_state"]))
             pairs.append((sequential_params(a.model.reward), nets["model_reward"]))
@@ -189,9 +197,23 @@ def test_state_dict_round_trip_per_run() -> None:
         assert torch.equal(x, y)
 
 
+def test_batched_initialisation_is_the_unbatched_agents() -> None:
+    from funcbo.apps.rl.batched_agent import initial_networks
+
+    for kind in ("funcid_network", "vep"):
+        agent = Agent(RLProblemConfig(), RLMethodConfig(kind=kind), seed=5, dtype=D)
+        nets = initial_networks(agent.cfg, agent.method, 5, D)
+        pairs = [(agent.q, nets["q"]), (agent.model, nets["model"])]
+        pairs += [(agent.values, nets["values"])] if kind == "vep" else []
+        pairs += [(_adjoint_q(agent), nets["adjoint"])] if kind == "funcid_network" else []
+        for mine, theirs in pairs:
+            for p, q in zip(mine.parameters(), theirs.parameters(), strict=True):
+                assert torch.equal(p, q)
+
+
 def test_unsupported_kind_and_mixed_runs_are_named() -> None:
-    with pytest.raises(ValueError, match="funcid_network"):
-        agents = _agents("funcid_network")
+    with pytest.raises(ValueError, match="omd_cg"):
+        agents = _agents("omd_cg")
         _batched(agents)
     a = RLMethodConfig(kind="omd", inner_lr=1e-3)
     b = dataclasses.replace(a, outer_lr=3e-3)

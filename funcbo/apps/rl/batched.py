@@ -15,8 +15,8 @@ computed without a graph to ω, see :meth:`BatchedUpdater._hypergradient`). In f
 batched update equals, run by run, the unbatched updater's update on the same batch to
 rounding (``tests/test_rl_batched.py``).
 
-Supported kinds: :data:`BATCHED_KINDS`. ``funcid_network`` (an adjoint network per run) and
-``omd_cg`` (CG with per-run stopping) run unbatched.
+Supported kinds: :data:`BATCHED_KINDS` (``funcid_network`` with its adjoint at the inner
+solution, the default). ``omd_cg`` (CG with per-run stopping) runs unbatched.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ BATCHED_KINDS = (
     "funcid_reference",
     "funcid_identity",
     "funcid_solution",
+    "funcid_network",
     "omd",
     "mle",
     "vep",
@@ -188,6 +189,8 @@ class BatchedUpdater:
         target_q: their target networks.
         models: the runs' models (not for ``model_free``).
         values: VEP's value ensembles, one per run.
+        adjoints: ``funcid_network``'s adjoint networks (of the Q-network's architecture), one
+            per run.
         inner_lrs: per-run learning rates of the Q-function (default ``method.inner_lr``).
         taus: per-run Polyak rates (default ``problem.tau``).
     """
@@ -200,6 +203,7 @@ class BatchedUpdater:
         target_q: Sequence[DoubleQ],
         models: Sequence[DynamicsModel] | None = None,
         values: Sequence[nn.Module] | None = None,
+        adjoints: Sequence[DoubleQ] | None = None,
         *,
         inner_lrs: Sequence[float] | None = None,
         taus: Sequence[float] | None = None,
@@ -216,6 +220,14 @@ class BatchedUpdater:
                     f"batched runs use Adam; method {kind!r} asks for {name} = "
                     f"{getattr(method, name)!r}: run it without batch_seeds"
                 )
+        if kind == "funcid_network" and method.adjoint_at != "solution":
+            raise ValueError(
+                "batched funcid_network fits its adjoint at the inner solution (adjoint_at: "
+                "solution); run adjoint_at: prediction without batch_seeds"
+            )
+        for name in ("adjoint_optimizer",) if kind == "funcid_network" else ():
+            if getattr(method, name).lower() != "adam":
+                raise ValueError(f"batched runs use Adam; method {kind!r} asks for {name}")
         if problem.predict_delta:
             raise ValueError("batched runs do not support predict_delta: run without batch_seeds")
         self.kind = kind
@@ -260,6 +272,19 @@ class BatchedUpdater:
                 raise ValueError("vep needs one value ensemble per run")
             self.vp = stack([ensemble_params(v.net) for v in values], requires_grad=False)
             self.members = self.vp[0].shape[0] // r
+        self.ap: Params = []
+        self.adj_opt: BatchedAdam | None = None
+        if kind == "funcid_network":
+            if adjoints is None or len(adjoints) != r:
+                raise ValueError("funcid_network needs one adjoint network per run")
+            self.ap = stack([ensemble_params(a.net) for a in adjoints], requires_grad=True)
+            self.adj_opt = BatchedAdam(
+                self.ap, r, method.adjoint_lr, weight_decay=method.adjoint_weight_decay
+            )
+            # a = scale · net(s, a): see networks.ScaledOutput
+            self.adjoint_scale = (
+                float(problem.batch_size) if method.adjoint_scale is None else method.adjoint_scale
+            )
 
     # ------------------------------------------------------------------------- networks
     def q_values(self, params: Params, obs: Tensor) -> Tensor:
@@ -375,6 +400,8 @@ class BatchedUpdater:
             reward_mse = (r - b["reward"]).square().mean(dim=(1, 2))
         if not self.method.warm_opt:
             self.q_opt.reset()
+            if self.adj_opt is not None:
+                self.adj_opt.reset()
         q_loss = torch.full((self.runs,), math.nan, dtype=self.dtype)
         for _ in range(self.method.inner_steps):
             q_loss, _ = self._q_step(b, y_model)
@@ -392,6 +419,9 @@ class BatchedUpdater:
           ``funcid_identity``): B a = −mean_i Σ_k a_ik ∂_ω ŷ_i, so c_i = Σ_k (Q_k(s_i, a_i) − y_i);
           the reference evaluates V̄ at the real s′ in ŷ (only r̂ depends on ω);
         * FuncID at the inner solution h* = ŷ (``funcid_solution``): c_i = K (ŷ_i − y_i);
+        * FuncID with an adjoint network a_φ fitted at h* (``funcid_network``): ``adjoint_steps``
+          Adam steps on J(φ) = ½ mean Σ_k a_k² + mean Σ_k g_k a_k (identity output Hessian,
+          g = h* − y), then c_ik = −a_ik;
         * OMD, AID with v = ∂_θ L_out (identity inverse Hessian): ∇F = −∂_ω⟨∂_θ L_in, v⟩,
           so c_i = Σ_k ⟨∂_θ Q_k(s_i, a_i), ∂_θ L_out⟩, a Jacobian-vector product.
 
@@ -417,13 +447,17 @@ class BatchedUpdater:
             with torch.no_grad():
                 pred = self.q_of_action(self.qp, obs, action)
                 out["outer_loss"] = 0.5 * (pred - y).square().sum(2).mean(1)
-                if kind == "funcid_solution":
+                if kind in ("funcid_solution", "funcid_network"):
                     ns, r = self.model(obs, action)
                     v = self.bellman_target(r, ns, nd).expand(-1, -1, self.heads)
                     out["solution_outer_loss"] = 0.5 * (v - y).square().sum(2).mean(1)
                 else:
                     v = pred
                 g = v - y
+            if kind == "funcid_network":
+                a, out["adjoint_loss"] = self._fit_adjoint(obs, action, g)
+                coef = -a
+            else:
                 coef = g
                 out["adjoint_loss"] = -0.5 * g.square().sum(2).mean(1)
         ns, r = self.model(obs, action)
@@ -443,6 +477,21 @@ class BatchedUpdater:
         out["_grads"] = grads
         return out
 
+    def _fit_adjoint(self, obs: Tensor, action: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``adjoint_steps`` Adam steps of every run's adjoint network on its J; returns a at
+        the batch's points after the steps and J there (per run)."""
+        assert self.adj_opt is not None
+        scale = self.adjoint_scale
+        for _ in range(self.method.adjoint_steps):
+            a = scale * self.q_of_action(self.ap, obs, action)
+            # ⟨a, sg(a)⟩ has the gradient of ½⟨a, a⟩ (identity output Hessian)
+            j = (a * a.detach()).sum(2).mean(1) + (a * g).sum(2).mean(1)
+            self.adj_opt.step(torch.autograd.grad(j.sum(), self.ap))
+        with torch.no_grad():
+            a = scale * self.q_of_action(self.ap, obs, action)
+            j = 0.5 * a.square().sum(2).mean(1) + (a * g).sum(2).mean(1)
+        return a, j
+
     # ------------------------------------------------------------------------ run slices
     def networks(self, run: int) -> dict[str, Params]:
         """Run ``run``'s slices of every network (views)."""
@@ -457,6 +506,8 @@ class BatchedUpdater:
             nets["model_reward"] = sl(self.mp_r, 1)
         if self.vp:
             nets["values"] = sl(self.vp, self.members)
+        if self.ap:
+            nets["adjoint"] = sl(self.ap, k)
         return nets
 
     def state_dict(self, run: int) -> dict[str, Any]:
@@ -467,6 +518,8 @@ class BatchedUpdater:
         }
         if self.model_opt is not None:
             state["model_opt"] = self.model_opt.state_dict(run)
+        if self.adj_opt is not None:
+            state["adjoint_opt"] = self.adj_opt.state_dict(run)
         return state
 
     @torch.no_grad()
@@ -483,6 +536,8 @@ class BatchedUpdater:
         self.q_opt.load_state_dict(run, state["q_opt"])
         if self.model_opt is not None:
             self.model_opt.load_state_dict(run, state["model_opt"])
+        if self.adj_opt is not None:
+            self.adj_opt.load_state_dict(run, state["adjoint_opt"])
 
 
 def check_batchable(methods: Sequence[RLMethodConfig], problems: Sequence[RLProblemConfig]) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from funcbo.adjoints import reset_parameters
 from funcbo.apps.rl.batched import BatchedUpdater, check_batchable
 from funcbo.apps.rl.config import RLMethodConfig, RLProblemConfig
 from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, ValueEnsemble
@@ -51,7 +52,16 @@ def initial_networks(
             ).to(dtype)
         if method.kind == "vep":
             values = ValueEnsemble(OBS_DIM, problem.vep_members, problem.q_hidden).to(dtype)
-    return {"q": q, "target_q": target, "model": model, "values": values}
+        adjoint = None
+        if method.kind == "funcid_network":  # methods._adjoint_network's initialisation
+            adjoint = copy.deepcopy(q)
+            if method.adjoint_init in ("fresh", "zero"):
+                reset_parameters(adjoint)
+            if method.adjoint_init == "zero":
+                with torch.no_grad():
+                    adjoint.net.l3.weight.zero_()
+                    adjoint.net.l3.bias.zero_()
+    return {"q": q, "target_q": target, "model": model, "values": values, "adjoint": adjoint}
 
 
 def _eval_key(seed: int, env_steps: int) -> int:
@@ -104,6 +114,7 @@ class BatchedAgent:
             [n["target_q"] for n in nets],
             None if self.method.kind == "model_free" else [n["model"] for n in nets],
             [n["values"] for n in nets] if self.method.kind == "vep" else None,
+            [n["adjoint"] for n in nets] if self.method.kind == "funcid_network" else None,
             inner_lrs=[m.inner_lr for m in methods],
             taus=[p.tau for p in problems],
         )
