@@ -64,6 +64,34 @@ def initial_networks(
     return {"q": q, "target_q": target, "model": model, "values": values, "adjoint": adjoint}
 
 
+def keep_freed_memory_in_heap() -> bool:
+    """Ask glibc's malloc to serve large blocks from the heap and keep freed memory there.
+
+    A batched step allocates and frees tensors of a few MB (activations of R runs × batch ×
+    width) many times; above malloc's mmap threshold each one is a fresh mmap whose pages the
+    kernel faults in and zeroes, which made element-wise ops 3–6× slower than their arithmetic
+    (measured: 39 % of a 30-run FuncID step). Raising the threshold (64 MiB) and the trim
+    threshold (128 MiB) keeps them in the heap. Process-wide, Linux/glibc only (elsewhere a
+    no-op); numerics are unchanged.
+
+    Returns:
+        True when the setting was applied.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_mmap_threshold, 64 << 20) == 1
+    return bool(mallopt(m_trim_threshold, 128 << 20) == 1 and ok)
+
+
 def _eval_key(seed: int, env_steps: int) -> int:
     return (seed * 1_000_003 + env_steps * 7919 + 12345) % (2**31 - 1)
 
@@ -95,6 +123,7 @@ class BatchedAgent:
             raise ValueError(
                 f"batched runs simulate CartPole-v1 in torch; env_id {cfg.env_id!r} runs unbatched"
             )
+        keep_freed_memory_in_heap()
         self.cfg = cfg
         self.method = methods[0]
         self.seeds = [int(s) for s in seeds]
@@ -392,4 +421,4 @@ def _softmax_sample(logits: Tensor, u: Tensor) -> Tensor:
     return a.clamp_(max=logits.shape[-1] - 1)
 
 
-__all__ = ["BatchedAgent", "initial_networks"]
+__all__ = ["BatchedAgent", "initial_networks", "keep_freed_memory_in_heap"]
