@@ -4,6 +4,7 @@
                [--overwrite] [--restart RUN ...] [--batch-seeds]
                [--executor ray [--address ADDR] [--ray-results shared|driver]]
     funcbo report DIR [--out DIR] [--name NAME] [--preamble FILE]
+                  [--select-by KEY [--select-mode min|max]]
     funcbo demo [--workers N] [--out DIR]
     funcbo list
 
@@ -145,12 +146,16 @@ def cmd_report(args: argparse.Namespace) -> int:
             preamble = Path(args.preamble).read_text()
         except OSError as e:
             raise UsageError(f"funcbo report: cannot read --preamble {args.preamble}: {e}") from e
+    if args.select_mode and not args.select_by:
+        raise UsageError("funcbo report: --select-mode needs --select-by KEY")
     rep = make_report(
         args.dir,
         args.out,
         args.name,
         iteration_label=_iteration_label(args.dir),
         preamble=preamble,
+        select_by=args.select_by,
+        select_mode=args.select_mode,
     )
     print(rep.markdown)
     for p in rep.figures:
@@ -288,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--preamble",
         metavar="FILE",
         help="markdown file placed under the report's title (a written summary of the results)",
+    )
+    rep.add_argument(
+        "--select-by",
+        metavar="KEY",
+        help="report each method at its best grid point only: a run's score is the mean of KEY "
+        "(a metric of metrics.jsonl, e.g. train_return) over its logged records, a grid "
+        "point's the median over seeds",
+    )
+    rep.add_argument(
+        "--select-mode",
+        choices=("min", "max"),
+        help="whether the lowest or the highest score is best (default: the experiment's "
+        "metric mode); needs --select-by",
     )
     rep.set_defaults(func=cmd_report)
 

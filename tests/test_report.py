@@ -392,3 +392,216 @@ def test_one_run_one_variant_in_the_singular(tmp_path):
     write_run(tmp_path, "aid", 0, final={"test_mse": 1.0})
     rep = make_report(tmp_path, name="one", figures=False)
     assert "1 run (1 finished) in 1 variant. " in rep.markdown
+
+
+# ---------------------------------------------------------------------------- grid point selection
+# train_return of a run at iterations 100, 200, ..., 1000: BASE + seed + k for k = 0..9, so its
+# mean (the run's score) is BASE + seed + 4.5 and a grid point's median over seeds 0, 1, 2 is
+# BASE + 5.5. The final evaluation return ranks the grid points of omd the other way round, so a
+# selection by the final metric instead of the training score would pick the other one.
+GRID = {
+    ("omd", 0.001): {"base": 10.0, "final": 200.0},
+    ("omd", 0.003): {"base": 20.0, "final": 50.0},
+    ("funcid", 0.001): {"base": 30.0, "final": 150.0},
+    ("funcid", 0.003): {"base": 5.0, "final": 180.0},
+}
+
+
+def write_rl_run(root: Path, method: str, lr: float, seed: int, status: str = "finished") -> None:
+    """A run of a method × (inner_lr, tau) grid as the runner writes it (run id as in
+    PlannedRun.run_id)."""
+    point = {"methods.*.inner_lr": lr, "problem.tau": 0.005}
+    variant = f"{method}[inner_lr={lr},tau=0.005]"
+    run = RunDir(root / f"{method}__inner_lr-{lr}_tau-0.005" / f"seed_{seed}")
+    base, final = GRID[method, lr]["base"], GRID[method, lr]["final"]
+    run.append_metrics({"iteration": 0, "return": 10.0, "wall_time_s": 0.0})
+    for k in range(10):
+        it = 100 * (k + 1)
+        rec: dict[str, Any] = {"iteration": it, "train_return": base + seed + k, "episodes": k}
+        if it in (500, 1000):
+            rec["return"] = final / 2 + seed if it == 500 else final + seed
+        run.append_metrics({**rec, "wall_time_s": it / 100})
+    run.write_summary(
+        {
+            "experiment": "rl_toy",
+            "name": "rl_grid",
+            "method": method,
+            "variant": variant,
+            "seed": seed,
+            "grid_point": point,
+            "iterations": 1000,
+            "metric": "return",
+            "metric_mode": "max",
+            "status": status,
+            "iteration": 1000 if status == "finished" else 300,
+            "wall_time_s": 10.0,
+            "final": {"return": final + seed, "train_return": base + seed + 9}
+            if status == "finished"
+            else {},
+            "error": "RuntimeError: diverged" if status == "failed" else None,
+        }
+    )
+
+
+def write_grid_sweep(root: Path) -> Path:
+    """Two methods × two grid points × three seeds; funcid at inner_lr 0.003 lost seed 2."""
+    for method, lr in GRID:
+        for seed in range(3):
+            bad = (method, lr, seed) == ("funcid", 0.003, 2)
+            write_rl_run(root, method, lr, seed, status="failed" if bad else "finished")
+    (root / "sweep.json").write_text(json.dumps({"name": "rl_grid", "experiment": "rl_toy"}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def grid_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_grid_sweep(tmp_path_factory.mktemp("grid"))
+
+
+def test_select_by_training_return_picks_the_best_grid_point(grid_root, tmp_path):
+    warned: list[str] = []
+    rep = make_report(grid_root, tmp_path, "sel", select_by="train_return", warn=warned.append)
+    sel = rep.data["selection"]
+    assert (sel["select_by"], sel["mode"]) == ("train_return", "max")  # the metric's mode
+    omd, funcid = sel["methods"]["omd"], sel["methods"]["funcid"]
+    assert omd["variant"] == "omd[inner_lr=0.003,tau=0.005]"
+    assert omd["grid_point"] == {"methods.*.inner_lr": 0.003, "problem.tau": 0.005}
+    assert omd["label"] == "omd (inner_lr 0.003, tau 0.005)"
+    assert (omd["score"], omd["n"]) == (pytest.approx(25.5), 3)
+    assert funcid["variant"] == "funcid[inner_lr=0.001,tau=0.005]"
+    assert (funcid["score"], funcid["n"]) == (pytest.approx(35.5), 3)
+    # every grid point's score: the median over seeds of the mean train_return of each run
+    scores = {p["variant"]: (p["score"], p["n"]) for p in omd["grid_points"]}
+    assert scores == {
+        "omd[inner_lr=0.001,tau=0.005]": (pytest.approx(15.5), 3),
+        "omd[inner_lr=0.003,tau=0.005]": (pytest.approx(25.5), 3),
+    }
+    low = funcid["grid_points"][1]
+    assert low["variant"] == "funcid[inner_lr=0.003,tau=0.005]"
+    assert low["seeds"] == {"0": pytest.approx(9.5), "1": pytest.approx(10.5)}
+    assert (low["score"], low["n"]) == (pytest.approx(10.0), 2)
+    assert low["runs"] == {"finished": 2, "failed": 1, "running": 0}
+
+    # the results are those of the selected grid points only, keyed by method
+    assert set(rep.data["methods"]) == {"funcid", "omd"}
+    assert rep.data["methods"]["omd"]["return"]["median"] == pytest.approx(51.0)  # not 201
+    assert rep.data["methods"]["funcid"]["return"]["median"] == pytest.approx(151.0)
+    assert rep.data["runs"] == {
+        "funcid": {"finished": 3, "failed": 0, "running": 0},
+        "omd": {"finished": 3, "failed": 0, "running": 0},
+    }
+    assert json.loads(rep.paths["json"].read_text()) == json.loads(json.dumps(rep.data))
+
+    # grid points of funcid were scored on different seeds: a warning, in the report too
+    assert len(warned) == 1 and warned[0].startswith("funcid: grid points are scored on")
+    assert "inner_lr 0.001, tau 0.005: 3 seeds (0, 1, 2)" in warned[0]
+    assert "inner_lr 0.003, tau 0.005: 2 seeds (0, 1)" in warned[0]
+    assert rep.data["warnings"] == warned == sel["warnings"]
+
+    md = rep.markdown
+    selection, results = md.split("## Results")
+    assert "mean of `train_return` over its logged records" in selection
+    assert "area under its training curve divided by its length" in selection
+    assert "| omd | **inner_lr 0.003, tau 0.005** | **25.5** | 3 |" in selection
+    assert "| omd | inner_lr 0.001, tau 0.005 | 15.5 | 3 |" in selection
+    assert "| funcid | inner_lr 0.003, tau 0.005 | 10 | 2 (1 failed) |" in selection
+    assert f"**Warning:** {warned[0]}" in selection
+    assert "6 runs (6 finished) of 2 methods, each at its selected grid point" in results
+    rows = [ln for ln in results.splitlines() if ln.startswith(("| omd", "| funcid", "| **"))]
+    assert rows == [
+        "| **funcid (inner_lr 0.001, tau 0.005)** | 3 | **151** [150.5, 151.5] | 151 ± 1 "
+        "| 78.25 (78.25 ± 0.75) | 10 (10) | 100 |",
+        "| omd (inner_lr 0.003, tau 0.005) | 3 | 51 [50.5, 51.5] | 51 ± 1 "
+        "| 28.25 (28.25 ± 0.75) | 10 (10) | 100 |",
+    ]
+    assert "| metric | funcid (inner_lr 0.001, tau 0.005) | omd (inner_lr 0.003, tau 0.005) |" in md
+    assert [p.name for p in rep.figures if p.suffix == ".png"] == ["sel_box.png", "sel_curves.png"]
+
+
+def test_select_mode_min_inverts_the_direction(grid_root, tmp_path):
+    rep = make_report(
+        grid_root, tmp_path, "low", figures=False, select_by="train_return", select_mode="min"
+    )
+    sel = rep.data["selection"]
+    assert sel["mode"] == "min"
+    assert sel["methods"]["omd"]["variant"] == "omd[inner_lr=0.001,tau=0.005]"
+    assert sel["methods"]["omd"]["score"] == pytest.approx(15.5)
+    assert sel["methods"]["funcid"]["variant"] == "funcid[inner_lr=0.003,tau=0.005]"
+    assert sel["methods"]["funcid"]["score"] == pytest.approx(10.0)
+    assert rep.data["methods"]["omd"]["return"]["median"] == pytest.approx(201.0)
+    assert "| omd | **inner_lr 0.001, tau 0.005** | **15.5** | 3 |" in rep.markdown
+    assert "(lower is better)" in rep.markdown.split("## Results")[0]
+
+
+def test_select_mode_defaults_to_the_metric_mode(tmp_path):
+    root = write_grid_sweep(tmp_path / "runs")
+    for summary in root.glob("*/seed_*/summary.json"):
+        data = json.loads(summary.read_text())
+        summary.write_text(json.dumps({**data, "metric_mode": "min"}))
+    rep = make_report(root, tmp_path, "minmode", figures=False, select_by="train_return")
+    assert rep.data["selection"]["mode"] == "min"
+    assert rep.data["selection"]["methods"]["omd"]["variant"] == "omd[inner_lr=0.001,tau=0.005]"
+
+
+def test_without_select_by_every_variant_is_a_row(grid_root, tmp_path):
+    rep = make_report(grid_root, tmp_path, "all", figures=False)
+    assert "selection" not in rep.data
+    assert len(rep.data["methods"]) == 4
+    assert "## Results" not in rep.markdown and "| variant | n |" in rep.markdown
+    assert "| **omd[inner_lr=0.001,tau=0.005]** | 3 |" in rep.markdown
+    assert "| funcid[inner_lr=0.003,tau=0.005] | 2 (1 failed) |" in rep.markdown
+
+
+def test_select_by_errors(grid_root, tmp_path):
+    with pytest.raises(ValueError, match=r"'nope'.*logged: episodes, return, train_return"):
+        make_report(grid_root, tmp_path, "e", figures=False, select_by="nope")
+    with pytest.raises(ValueError, match="select_mode needs select_by"):
+        make_report(grid_root, tmp_path, "e", figures=False, select_mode="max")
+    with pytest.raises(ValueError, match="select_mode must be"):
+        make_report(grid_root, tmp_path, "e", figures=False, select_by="return", select_mode="up")
+
+
+def test_cli_select_by(grid_root, tmp_path, capsys):
+    from funcbo.cli import main
+
+    out = tmp_path / "cli"
+    args = ["report", str(grid_root), "--out", str(out), "--name", "c"]
+    assert main([*args, "--select-by", "train_return", "--select-mode", "min"]) == 0
+    data = json.loads((out / "c.json").read_text())
+    assert data["selection"]["methods"]["omd"]["variant"] == "omd[inner_lr=0.001,tau=0.005]"
+    assert "| omd | **inner_lr 0.001, tau 0.005** |" in capsys.readouterr().out
+    assert main([*args, "--select-mode", "min"]) == 2
+    assert "--select-mode needs --select-by" in capsys.readouterr().err
+
+
+def test_select_by_with_a_diverged_run_and_a_method_that_does_not_log_the_key(tmp_path):
+    root = write_grid_sweep(tmp_path / "runs")
+    diverged = RunDir(root / "omd__inner_lr-0.003_tau-0.005" / "seed_0")
+    records = diverged.metrics()
+    records[3]["train_return"] = math.nan
+    diverged.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    GRID["aid", 0.001] = {"base": 0.0, "final": 1.0}
+    try:
+        write_rl_run(root, "aid", 0.001, 0)
+    finally:
+        del GRID["aid", 0.001]
+    quiet = RunDir(root / "aid__inner_lr-0.001_tau-0.005" / "seed_0")
+    records = [{k: v for k, v in r.items() if k != "train_return"} for r in quiet.metrics()]
+    quiet.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    warned: list[str] = []
+    rep = make_report(
+        root, tmp_path, "nan", figures=False, select_by="train_return", warn=warned.append
+    )
+    omd = rep.data["selection"]["methods"]["omd"]
+    top = omd["grid_points"][1]
+    assert top["seeds"] == {"0": None, "1": pytest.approx(25.5), "2": pytest.approx(26.5)}
+    assert (top["score"], top["n"], top["nonfinite"]) == (pytest.approx(26.0), 2, 1)
+    assert omd["variant"] == top["variant"]
+    assert "| omd | **inner_lr 0.003, tau 0.005** | **26** | 2 (1 non-finite) |" in rep.markdown
+    assert any(w.startswith("omd: grid points are scored on different seeds") for w in warned)
+    aid = rep.data["selection"]["methods"]["aid"]
+    assert aid["variant"] is None and aid["score"] is None
+    assert "aid: no finished run of any grid point logs a finite `train_return`" in warned[0]
+    assert set(rep.data["methods"]) == {"funcid", "omd"}
+    # report.json is strict JSON: a diverged run's score is null, not NaN
+    json.loads(rep.paths["json"].read_text(), parse_constant=lambda c: pytest.fail(c))

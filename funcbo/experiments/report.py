@@ -12,6 +12,10 @@ for a grid point) and writes, into ``out_dir``:
   iteration, mean ± sd over seeds per variant.
 
 Statistics use finished runs only; failed and unfinished runs are counted and shown beside ``n``.
+
+With ``select_by`` (``funcbo report --select-by KEY``), each method is reported at one grid point
+only, the one with the best training score (mean of ``KEY`` over a run's logged records, median
+over seeds), and the report starts with a table of every grid point's score.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from funcbo.experiments.errors import DamagedRunError, ExperimentError
-from funcbo.experiments.store import SUMMARY, SWEEP, RunDir, find_runs
+from funcbo.experiments.store import METRICS, SUMMARY, SWEEP, RunDir, find_runs
 from funcbo.io import atomic_write, atomic_write_json, atomic_write_text
 
 #: training losses reported after the headline metric, in this order, when runs log them
@@ -265,17 +269,30 @@ def _markdown(
     figure_names: list[str],
     preamble: str | None = None,
     warnings: list[str] = (),  # type: ignore[assignment]
+    labels: dict[str, str] | None = None,
 ) -> str:
     metric, mode = data["metric"], data["metric_mode"]
     counts = {s: sum(data["runs"][v][s] for v in variants) for s in _STATUSES}
     total = sum(counts.values())
     better = "lower" if mode == "min" else "higher"
     status_text = ", ".join(f"{counts[s]} {s}" for s in _STATUSES if counts[s])
+    labels = labels or {}
+    selection = data.get("selection")
+    if selection is None:
+        scope, column, head = f"in {_plural(len(variants), 'variant')}", "variant", []
+    else:
+        scope = f"of {_plural(len(variants), 'method')}, each at its selected grid point"
+        column = "method (grid point)"
+        head = [*_selection_markdown(selection), ""]
+        for w in selection["warnings"]:
+            head += [f"**Warning:** {w}", ""]
+        head += ["## Results", ""]
     lines = [
         f"# {data['name']} (experiment `{data['experiment']}`)",
         "",
         *([preamble.strip(), "", "The generated report follows.", ""] if preamble else []),
-        f"{_plural(total, 'run')} ({status_text}) in {_plural(len(variants), 'variant')}. "
+        *head,
+        f"{_plural(total, 'run')} ({status_text}) {scope}. "
         f"Headline metric: "
         f"`{metric}` ({better} is better; the best median is in bold).",
         "",
@@ -285,12 +302,12 @@ def _markdown(
         "median (mean ± sd) over seeds. Wall time: median (mean) in seconds. "
         "it/s: iterations per second of wall time, median.",
         "",
-        f"| variant | n | {metric} median [q25, q75] | mean ± sd | AUC | wall time (s) | it/s |",
+        f"| {column} | n | {metric} median [q25, q75] | mean ± sd | AUC | wall time (s) | it/s |",
         "|---|---|---|---|---|---|---|",
     ]
     for v in variants:
         s = data["methods"][v][metric]
-        name, med = _cell(v), _median_iqr(s)
+        name, med = _cell(labels.get(v, v)), _median_iqr(s)
         if v in best:
             name = f"**{name}**"
             med = f"**{_fmt(s['median'])}** [{_fmt(s['q25'])}, {_fmt(s['q75'])}]"
@@ -308,7 +325,7 @@ def _markdown(
             "",
             "Other final metrics, median [q25, q75] over finished runs:",
             "",
-            "| metric | " + " | ".join(_cell(v) for v in variants) + " |",
+            "| metric | " + " | ".join(_cell(labels.get(v, v)) for v in variants) + " |",
             "|---" * (len(variants) + 1) + "|",
         ]
         # one row per metric: runs report many diagnostics, sweeps compare a few variants
@@ -327,6 +344,142 @@ def _markdown(
         lines += ["", "## Warnings", ""]
         lines += [f"- {w}" for w in warnings]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- grid point selection
+def _method_of(r: _Run) -> str:
+    return str(r.summary.get("method") or r.variant.split("[")[0])
+
+
+def _point_of(runs: list[_Run]) -> dict[str, Any]:
+    for r in runs:
+        point = r.summary.get("grid_point")
+        if isinstance(point, dict):
+            return point
+    return {}
+
+
+def _point_text(point: dict[str, Any]) -> str:
+    """``inner_lr 0.001, tau 0.005`` (the last part of each dotted grid key, as in variants)."""
+    return ", ".join(f"{str(k).split('.')[-1]} {v}" for k, v in point.items())
+
+
+def _run_score(r: _Run, key: str) -> float | None:
+    """Mean of ``key`` over a run's logged records (None when it logs none)."""
+    values = list(_series(r.records, key).values())
+    return float(np.mean(values)) if values else None
+
+
+def _select(
+    runs: list[_Run],
+    finished: dict[str, list[_Run]],
+    counts: dict[str, dict[str, int]],
+    key: str,
+    mode: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """Per method, the grid point (variant) with the best median over seeds of the run scores.
+
+    Returns ``({method: entry}, warnings)``; an entry's ``"variant"`` is None when no grid point
+    of the method has a finite score.
+    """
+    by_method: dict[str, list[str]] = {}
+    runs_of: dict[str, list[_Run]] = {}
+    for r in runs:
+        runs_of.setdefault(r.variant, []).append(r)
+        variants = by_method.setdefault(_method_of(r), [])
+        if r.variant not in variants:
+            variants.append(r.variant)
+    selection: dict[str, Any] = {}
+    warnings: list[str] = []
+    for method in sorted(by_method):
+        points = []
+        for v in sorted(by_method[method]):
+            scores = {r.summary.get("seed", r.rel): _run_score(r, key) for r in finished[v]}
+            scored = {s: x for s, x in scores.items() if x is not None}
+            stats = describe(scored.values())  # leaves non-finite scores out
+            seeds = sorted(scored.items(), key=lambda i: _seed_order(str(i[0])))
+            points.append(
+                {
+                    "variant": v,
+                    "grid_point": _point_of(runs_of[v]),
+                    "score": stats["median"],
+                    "n": stats["n"],
+                    "nonfinite": sum(1 for x in scored.values() if not math.isfinite(x)),
+                    # a non-finite score (a diverged run) is written as null
+                    "seeds": {str(s): x if math.isfinite(x) else None for s, x in seeds},
+                    "runs": counts[v],
+                }
+            )
+        candidates = [p for p in points if p["score"] is not None]
+        best = None
+        if candidates:
+            pick = min if mode == "min" else max
+            # ties go to the first grid point in name order (min and max return the first)
+            best = pick(candidates, key=lambda p: p["score"])
+        else:
+            warnings.append(
+                f"{method}: no finished run of any grid point logs a finite `{key}`; "
+                "the method is left out of the results"
+            )
+        seed_sets = {
+            p["variant"]: [s for s, x in p["seeds"].items() if x is not None] for p in points
+        }
+        if len(points) > 1 and len({tuple(s) for s in seed_sets.values()}) > 1:
+            detail = "; ".join(
+                f"{_point_text(p['grid_point']) or p['variant']}: "
+                f"{_plural(len(seed_sets[p['variant']]), 'seed')}"
+                + (f" ({', '.join(seed_sets[p['variant']])})" if seed_sets[p["variant"]] else "")
+                for p in points
+            )
+            warnings.append(
+                f"{method}: grid points are scored on different seeds ({detail}); their "
+                "scores are medians over different seeds, so the selection is not a paired "
+                "comparison"
+            )
+        label = method
+        if best is not None and best["grid_point"]:
+            label = f"{method} ({_point_text(best['grid_point'])})"
+        elif best is not None and best["variant"] != method:
+            label = best["variant"]
+        selection[method] = {
+            "variant": None if best is None else best["variant"],
+            "grid_point": None if best is None else best["grid_point"],
+            "label": label,
+            "score": None if best is None else best["score"],
+            "n": 0 if best is None else best["n"],
+            "grid_points": points,
+        }
+    return selection, warnings
+
+
+def _seed_order(seed: str) -> tuple[int, int | str]:
+    return (0, int(seed)) if seed.lstrip("-").isdigit() else (1, seed)
+
+
+def _selection_markdown(sel: dict[str, Any]) -> list[str]:
+    key, mode = sel["select_by"], sel["mode"]
+    better = "lower" if mode == "min" else "higher"
+    lines = [
+        "## Grid point of each method",
+        "",
+        f"Each method is shown at one grid point, selected by `{key}` ({better} is better). "
+        f"A run's score is the mean of `{key}` over its logged records (with evenly spaced "
+        "records, the area under its training curve divided by its length); a grid point's "
+        "score is the median of its finished seeds' scores (n: seeds with a score); the grid "
+        "point with the best score is selected (in bold).",
+        "",
+        f"| method | grid point | `{key}` score, median over seeds | n |",
+        "|---|---|---|---|",
+    ]
+    for method, entry in sel["methods"].items():
+        for p in entry["grid_points"]:
+            point = _cell(_point_text(p["grid_point"]) or p["variant"])
+            score = _fmt(p["score"])
+            if p["variant"] == entry["variant"]:
+                point, score = f"**{point}**", f"**{score}**"
+            n = _n_cell({**p["runs"], "finished": p["n"]}, p["nonfinite"])
+            lines.append(f"| {_cell(method)} | {point} | {score} | {n} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------- figures
@@ -367,8 +520,14 @@ def _save_figure(fig: Any, stem: Path) -> list[Path]:
 
 
 def _box_figure(
-    finished: dict[str, list[_Run]], variants: list[str], metric: str, mode: str, title: str
+    finished: dict[str, list[_Run]],
+    variants: list[str],
+    metric: str,
+    mode: str,
+    title: str,
+    labels: dict[str, str] | None = None,
 ) -> Any:
+    names = [(labels or {}).get(v, v) for v in variants]
     fig = _new_figure((max(4.0, 1.1 * len(variants) + 1.5), 4.0))
     ax = fig.add_subplot()
     better = "lower" if mode == "min" else "higher"
@@ -393,9 +552,9 @@ def _box_figure(
             ax.scatter(pos + dx, vals, s=14, color=f"C{pos % 10}", zorder=3, alpha=0.8)
     else:
         ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
-    tilt = len(variants) > 3 or max(len(v) for v in variants) > 12
+    tilt = len(variants) > 3 or max(len(v) for v in names) > 12
     ax.set_xticks(
-        range(len(variants)), variants, rotation=30 if tilt else 0, ha="right" if tilt else "center"
+        range(len(variants)), names, rotation=30 if tilt else 0, ha="right" if tilt else "center"
     )
     ax.set_xlim(-0.6, len(variants) - 0.4)
     ax.set_ylabel(f"final {metric} ({better} is better)")
@@ -411,6 +570,7 @@ def _curves_figure(
     metric: str,
     title: str,
     iteration_label: str,
+    labels: dict[str, str] | None = None,
 ) -> Any:
     fig = _new_figure((4.2 * len(quantities), 3.6))
     axes = fig.subplots(1, len(quantities), squeeze=False)[0]
@@ -428,7 +588,7 @@ def _curves_figure(
             mean = y.mean(axis=0)
             sd = y.std(axis=0, ddof=1) if y.shape[0] > 1 else np.zeros_like(mean)
             marker = "o" if q == metric and t.size <= 50 else None
-            label = f"{v} (n={y.shape[0]})"
+            label = f"{(labels or {}).get(v, v)} (n={y.shape[0]})"
             ax.plot(t, mean, color=f"C{i % 10}", label=label, marker=marker, markersize=3)
             drawn.append((f"C{i % 10}", t, mean, sd))
         finite = np.asarray([x for x in logged if math.isfinite(x)])
@@ -484,6 +644,8 @@ def make_report(
     iteration_label: str = "iteration",
     preamble: str | None = None,
     warn: Callable[[str], None] | None = None,
+    select_by: str | None = None,
+    select_mode: str | None = None,
 ) -> Report:
     """Aggregate the runs under ``run_root`` into ``<name>.md``, ``<name>.json`` and figures.
 
@@ -523,6 +685,36 @@ def make_report(
     Statistics of an empty sample are ``{"n": 0, ...: null}``; non-finite values (a diverged
     run) are left out of the statistics and counted beside ``n`` in the markdown table.
 
+    Selecting a grid point per method (``select_by``), as papers that tune each method on a grid
+    report its best grid point by training return:
+
+    - a run's score is the mean of ``select_by`` over the lines of its ``metrics.jsonl`` that
+      hold it (one per logged iteration; with evenly spaced lines, the area under its training
+      curve divided by its length); finished runs only;
+    - a grid point's score is the median of its seeds' scores (non-finite scores, from diverged
+      runs, are left out and counted);
+    - per method (the summaries' ``method``), the grid point with the best score is selected:
+      the highest for ``select_mode="max"``, the lowest for ``"min"`` (default: the
+      experiment's ``metric_mode``); ties go to the first grid point in name order. A method
+      whose grid points were scored on different sets of seeds gets a warning (the medians are
+      then not a paired comparison).
+
+    The report then starts with a table of every grid point's score, the selected one in bold,
+    and its tables and figures show each method at its selected grid point only, labelled
+    ``method (key value, ...)``; ``methods``, ``wall_time_s``, ``auc``, ``iterations_per_s``
+    and ``runs`` are keyed by method name, and ``report.json`` has one more key::
+
+        "selection": {"select_by": str, "mode": "min" | "max", "score": str (the rule),
+                      "methods": {method: {"variant": str | null, "grid_point": dict | null,
+                                           "label": str, "score": float | null, "n": int,
+                                           "grid_points": [{"variant", "grid_point", "score",
+                                                            "n", "nonfinite",
+                                                            "seeds": {seed: score | null},
+                                                            "runs": {status: int}}]}},
+                      "warnings": [str]}
+
+    A method none of whose grid points has a scored run is left out with a warning.
+
     Args:
         run_root: a sweep's output directory (``funcbo run ... --out DIR``), or any directory
             whose run directories all belong to one experiment.
@@ -542,13 +734,19 @@ def make_report(
             is left out of the report, and a finished run whose metrics log a nonzero counter
             ending in ``_gave_up`` (linear solves that diverged or made no progress) is named
             with the count summed over its logged iterations.
+        select_by: a metric logged in ``metrics.jsonl`` (e.g. ``"train_return"``): report each
+            method at the grid point with the best mean of it over training (see above); None:
+            every variant is its own row.
+        select_mode: ``"max"`` or ``"min"``: whether the highest or the lowest score is best
+            (default: the experiment's ``metric_mode``); needs ``select_by``.
 
     Returns:
         The :class:`Report` (markdown, data, figure paths, markdown/JSON paths).
 
     Raises:
         ValueError: no run under ``run_root``, runs of several experiments or metrics, an
-            invalid ``name`` or an unknown requested metric.
+            invalid ``name``, an unknown requested metric, a ``select_by`` that no finished run
+            logs, or an invalid ``select_mode``.
         ImportError: ``figures=True`` without matplotlib.
     """
     root = Path(run_root)
@@ -576,6 +774,10 @@ def make_report(
             f"invalid report name {name!r} (a file stem other than "
             f"{Path(SUMMARY).stem!r} and {Path(SWEEP).stem!r})"
         )
+    if select_mode is not None and select_by is None:
+        raise ExperimentError("select_mode needs select_by (the metric that selects grid points)")
+    if select_mode not in (None, "min", "max"):
+        raise ExperimentError(f"select_mode must be 'min' or 'max', got {select_mode!r}")
     if figures:
         _matplotlib()  # fail before writing anything
     out = Path(out_dir) if out_dir is not None else root
@@ -593,6 +795,7 @@ def make_report(
             err = str(r.summary.get("error") or "").strip().splitlines()
             failures.append((r.rel, (err[-1] if err else "no error message")[:200]))
     gave_up: list[tuple[str, str, float, list[str]]] = []
+    logged_keys: set[str] = set()
     for v in variants:
         finished[v].sort(key=lambda r: (str(r.summary.get("seed")), r.rel))
         readable = []
@@ -604,7 +807,9 @@ def make_report(
                 counts[v]["finished"] -= 1
                 continue
             # keep only what the report reads: long runs log many lines with many keys
-            keep = ("iteration", metric, *LOSSES)
+            keep = ("iteration", metric, *LOSSES, *([select_by] if select_by else []))
+            if select_by is not None:
+                logged_keys |= {k for rec in records for k, x in rec.items() if _is_number(x)}
             r.records = [{k: rec[k] for k in keep if k in rec} for rec in records]
             total, keys = _gave_up_total(records)
             if total:
@@ -617,6 +822,36 @@ def make_report(
         "the logged iterations); the hypergradients of those iterations lack their implicit term"
         for v, rel, total, keys in gave_up
     ]
+    labels: dict[str, str] = {}
+    selection: dict[str, Any] | None = None
+    if select_by is not None:
+        sel_mode = select_mode or mode
+        if logged_keys and select_by not in logged_keys:
+            known = ", ".join(sorted(logged_keys - {"iteration"}))
+            raise ExperimentError(
+                f"select_by {select_by!r}: no finished run logs it in {METRICS}; logged: {known}"
+            )
+        chosen, sel_warnings = _select(runs, finished, counts, select_by, sel_mode)
+        picked = {m: e["variant"] for m, e in chosen.items() if e["variant"] is not None}
+        if not picked:
+            raise ExperimentError(
+                f"select_by {select_by!r}: no method has a finished run that logs a finite "
+                f"{select_by!r}: nothing to select"
+            )
+        warnings += sel_warnings
+        # from here on the report is about methods, each at its selected grid point
+        variants = sorted(picked)
+        finished = {m: finished[picked[m]] for m in variants}
+        counts = {m: counts[picked[m]] for m in variants}
+        labels = {m: chosen[m]["label"] for m in variants}
+        selection = {
+            "select_by": select_by,
+            "mode": sel_mode,
+            "score": f"mean of {select_by} over each finished run's logged records; "
+            "a grid point's score is the median over its seeds",
+            "methods": chosen,
+            "warnings": sel_warnings,
+        }
     for w in warnings:
         (warn or _print_warning)(w)
     all_finished = [r for v in variants for r in finished[v]]
@@ -659,6 +894,8 @@ def make_report(
         "runs": counts,
         "warnings": warnings,
     }
+    if selection is not None:
+        data["selection"] = selection
 
     medians = {v: methods[v][metric]["median"] for v in variants if methods[v][metric]["n"]}
     best: set[str] = set()
@@ -670,16 +907,18 @@ def make_report(
     written: list[Path] = []
     stems: list[str] = []
     if figures:
-        box = _box_figure(finished, variants, metric, mode, title)
+        box = _box_figure(finished, variants, metric, mode, title, labels)
         written += _save_figure(box, out / f"{name}_box")
         logged = {k for r in all_finished for rec in r.records for k in rec}
         quantities = [metric] + [q for q in LOSSES if q in logged]
-        curves = _curves_figure(finished, variants, quantities, metric, title, iteration_label)
+        curves = _curves_figure(
+            finished, variants, quantities, metric, title, iteration_label, labels
+        )
         written += _save_figure(curves, out / f"{name}_curves")
         stems = [f"{name}_box", f"{name}_curves"]
 
     markdown = _markdown(
-        data, variants, metric_names, best, nonfinite, failures, stems, preamble, warnings
+        data, variants, metric_names, best, nonfinite, failures, stems, preamble, warnings, labels
     )
     md_path, json_path = out / f"{name}.md", out / f"{name}.json"
     atomic_write_json(json_path, data)
