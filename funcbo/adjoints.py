@@ -286,25 +286,35 @@ class LinearAdjoint(Adjoint):
 
     Minimises J(W) + (λ/2)‖W‖²_F, i.e. solves
 
-        (1/n) Σ_i H_i W z_i z_iᵀ + λ W = −(1/m) Σ_j g_j z_jᵀ,      z = [φ(x); 1].
+        (1/n) Σ_i H_i W z_i z_iᵀ + λ W = −(1/m) Σ_j g_j z_jᵀ = M,      z = [φ(x); 1].
 
     When every H_i = c_i·I (squared losses, scalar outputs) this is W = M S⁻¹ with
-    S = (1/n) Σ c_i z_i z_iᵀ + λI, solved exactly (by Cholesky in feature space, or in sample
-    space by the Woodbury identity when there are more features than samples). Otherwise it runs
-    CG on the operator W ↦ (1/n) Σ H_i W z_i z_iᵀ + λW, preconditioned by that isotropic solve with
+    S = Z̃ᵀ D² Z̃ + λI, D² = diag(c_i/n), Z̃ the n × q matrix of the z_iᵀ, solved exactly by
+    Cholesky: in feature space when q ≤ n, otherwise in sample space, where
+    a(x_i) = (Z̃ Wᵀ)_i = (D⁻¹ K⁻¹ D Z̃ Mᵀ)_i with K = D Z̃ Z̃ᵀ D + λI (n × n; the push-through
+    identity Z̃ S⁻¹ = D⁻¹ K⁻¹ D Z̃), so W itself is never formed. Otherwise it runs CG on the
+    operator W ↦ (1/n) Σ H_i W z_i z_iᵀ + λW, preconditioned by that isotropic solve with
     c_i = tr(H_i)/d_v, so CG converges in a few iterations. Only the inner model's forward pass
     is needed: nothing is back-propagated through it.
 
+    The features stay in the model's dtype: products with them are computed in ``solve_dtype``
+    on blocks converted one at a time (a few MB), the bias column is never materialised, and
+    only the Gram matrix (n × n or q × q) and its factor are held in ``solve_dtype``.
+
     Args:
         ridge: λ. With ``relative=True`` (default) it is a fraction of the mean eigenvalue
-            tr(S₀)/(p+1) of the unregularised S₀, so one value fits features of any scale.
+            tr(S₀)/q of the unregularised S₀, so one value fits features of any scale.
         relative: interpret ``ridge`` relative to the feature scale (see above).
         head: the module whose *input* is φ(x): a module or its name in the inner model.
             Default: the last ``nn.Linear`` registered in the inner model or, in a model
             without one, the last ``nn.Embedding``, whose features are the one-hot encodings
             of its indices (for a discrete input such as an instrument).
         solver: CG used for non-isotropic Hessians.
-        solve_dtype: dtype of the linear algebra (float64 by default, whatever the model's).
+        solve_dtype: dtype of the linear algebra (float64 by default, whatever the model's;
+            None: the model's). A float32 solve halves the cost of the Gram matrix but its
+            error grows with the condition number (up to 1/ridge with a relative ridge), and
+            with a small ridge its Cholesky factorisation fails: keep float64 unless the ridge
+            is large.
     """
 
     needs_features = True
@@ -344,61 +354,68 @@ class LinearAdjoint(Adjoint):
             raise RuntimeError("LinearAdjoint needs the inner model's features (z_in, z_out)")
         out_dtype = prob.g_out.dtype
         dt = self.solve_dtype or out_dtype
-        Z = _with_bias(prob.z_in.to(dt))
-        Zo = _with_bias(prob.z_out.to(dt))
+        Zo = _Features(prob.z_out, dt)
+        Z = _Features(prob.z_in, dt)
+        if Zo.q != Z.q:
+            raise ShapeError(
+                f"inner and outer features differ in size: {Z.q - 1} and {Zo.q - 1} columns"
+            )
         G = prob.g_out.detach().to(dt)
-        n, q = Z.shape
-        m = Zo.shape[0]
+        n, q, m = Z.n, Z.q, Zo.n
         H = prob.hessian
         iso = H.isotropic is not None
         c = H.trace_scale().to(dt)
         if bool((c <= 0).any()):
             raise_not_convex(c)
         # Right-hand side  M = −(1/m) Σ_j g_j z_jᵀ   (d × q)
-        M = -(G.T @ Zo) / m
+        M = Zo.times(G.T).div_(-m)
+        Z._buffer, Zo = Zo._buffer, None  # one conversion buffer for both
         primal = q <= n or is_distributed()
+        sq = (c / n).sqrt()  # the diagonal of D
         if primal:
-            S0 = (Z * c[:, None]).T @ Z / n
-            all_reduce_mean_([S0, M])
-            scale = torch.diagonal(S0).sum() / q
+            S = Z.gram_features(sq.square())  # S₀ = Z̃ᵀ D² Z̃
+            all_reduce_mean_([S, M])
         else:
-            Zt = Z * (c / n).sqrt()[:, None]  # S0 = Ztᵀ Zt
-            scale = (Zt * Zt).sum() / q
+            S = Z.gram_samples(sq)  # K₀ = D Z̃ Z̃ᵀ D: same trace and non-zero spectrum as S₀
+        scale = torch.diagonal(S).sum() / q
         lam = self.ridge * float(scale) if self.relative else self.ridge
         lam = max(lam, torch.finfo(dt).tiny)
-        if primal:
-            S = S0 + lam * torch.eye(q, dtype=dt, device=Z.device)
-            L = _cholesky(S)
+        S.diagonal().add_(lam)
+        L = _cholesky(S)
+        del S
 
-            def precond(R: Tensor) -> Tensor:  # R S⁻¹
+        def precond(R: Tensor) -> Tensor:  # R S⁻¹ (by Woodbury in sample space)
+            if primal:
                 return torch.cholesky_solve(R.T, L).T
-        else:
-            K = Zt @ Zt.T + lam * torch.eye(n, dtype=dt, device=Z.device)
-            L = _cholesky(K)
+            y = torch.cholesky_solve((Z.times_t(R) * sq).T, L)
+            return (R - Z.times(y.T * sq)) / lam
 
-            def precond(R: Tensor) -> Tensor:  # R S⁻¹ by Woodbury
-                return (R - torch.cholesky_solve((R @ Zt.T).T, L).T @ Zt) / lam
-
-        W = precond(M)
         iters, gave_up = 0, False
-        if not iso:
-            Hd = _hessian_in(H, dt)
+        if iso and not primal:
+            # a = D⁻¹ K⁻¹ D Z̃ Mᵀ; ⟨W, M⟩ = tr(M S⁻¹ Mᵀ) = (‖M‖² − ⟨D Z̃ Mᵀ, K⁻¹ D Z̃ Mᵀ⟩)/λ.
+            b = (Z.times_t(M) * sq).T
+            y = torch.cholesky_solve(b, L)
+            A_in = y / sq[:, None]
+            WM = (M.square().sum() - (b * y).sum()) / lam
+            J = 0.5 * (c[:, None] * A_in.square()).sum(1).mean() - WM
+        else:
+            W = precond(M)
+            if not iso:
+                Hd = _hessian_in(H, dt)
 
-            def op(Ws: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-                (W_,) = Ws
-                HU = Hd(Z @ W_.T)  # [n, d]: H_i W z_i
-                out = HU.T @ Z / n
-                all_reduce_mean_([out])
-                return (out + lam * W_,)
+                def op(Ws: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+                    (W_,) = Ws
+                    out = Z.times(Hd(Z.times_t(W_).T).T / n)  # (1/n) Σ_i H_i W z_i z_iᵀ
+                    all_reduce_mean_([out])
+                    return (out + lam * W_,)
 
-            solver = self.solver
-            (W,) = solver(op, (M,), x0=(W,), preconditioner=lambda Rs: (precond(Rs[0]),))
-            iters = solver.info.iterations
-            gave_up = getattr(solver.info, "gave_up", False)
-        A_in = Z @ W.T
-        A_out = Zo @ W.T
-        HA = _hessian_in(H, dt)(A_in)
-        J = adjoint_objective(A_in, HA, A_out, G)
+                solver = self.solver
+                (W,) = solver(op, (M,), x0=(W,), preconditioner=lambda Rs: (precond(Rs[0]),))
+                iters = solver.info.iterations
+                gave_up = getattr(solver.info, "gave_up", False)
+            A_in = Z.times_t(W).T
+            # mean_j ⟨a(x_j), g_j⟩ = −⟨W, M⟩ (M is the mean over every rank's outer points)
+            J = 0.5 * (A_in * _hessian_in(H, dt)(A_in)).sum(1).mean() - (W * M).sum()
         self.stats = {
             "adjoint_loss": float(J),
             "adjoint_ridge": lam,
@@ -407,6 +424,101 @@ class LinearAdjoint(Adjoint):
             "adjoint_cg_gave_up": float(gave_up),
         }
         return A_in.to(out_dtype)
+
+
+#: elements of a block of features converted to the solve dtype at a time (4 MB in float64)
+FEATURE_BLOCK = 2**19
+
+
+class _Features:
+    """The features Z̃ = [Z, 1] (n × q, q = p + 1), multiplied in the solve dtype ``dt``.
+
+    Neither the bias column nor a copy of Z in ``dt`` is ever built: when Z has another dtype,
+    blocks of at most :data:`FEATURE_BLOCK` elements are converted one at a time into one
+    reused buffer. Thin factors are d × n or d × q (rows of length n or q), the orientation in
+    which these products run fastest.
+    """
+
+    def __init__(self, Z: Tensor, dt: torch.dtype, buffer: Tensor | None = None) -> None:
+        if Z.dim() != 2:
+            raise ShapeError(
+                f"the inner model's last hidden features must be [B, p], got {tuple(Z.shape)}"
+            )
+        self.Z = Z.detach()
+        self.dt = dt
+        self.n, p = Z.shape
+        self.q = p + 1
+        self.same = Z.dtype == dt
+        self._buffer = buffer
+
+    def buffer(self, numel: int) -> Tensor:
+        """A flat work buffer in ``dt`` with at least ``numel`` elements (reused)."""
+        if self._buffer is None or self._buffer.numel() < numel:
+            size = max(numel, min(FEATURE_BLOCK, self.Z.numel()))
+            self._buffer = torch.empty(size, dtype=self.dt, device=self.Z.device)
+        return self._buffer
+
+    def _convert(self, block: Tensor) -> Tensor:
+        rows, cols = block.shape
+        return self.buffer(rows * cols)[: rows * cols].view(rows, cols).copy_(block)
+
+    def _rows(self) -> Iterator[tuple[int, int, Tensor]]:
+        """(i0, i1, Z[i0:i1] in dt) over blocks of rows; a block is valid until the next."""
+        if self.same:
+            yield 0, self.n, self.Z
+            return
+        step = max(1, FEATURE_BLOCK // max(self.q - 1, 1))
+        for i0 in range(0, self.n, step):
+            i1 = min(i0 + step, self.n)
+            yield i0, i1, self._convert(self.Z[i0:i1])
+
+    def times_t(self, W: Tensor) -> Tensor:
+        """W Z̃ᵀ for W of shape [k, q]: shape [k, n] (row i of Z̃ Wᵀ is column i)."""
+        out = torch.empty(W.shape[0], self.n, dtype=self.dt, device=self.Z.device)
+        bias = W[:, -1:]
+        for i0, i1, Zb in self._rows():
+            out[:, i0:i1] = torch.addmm(bias, W[:, :-1], Zb.T)
+        return out
+
+    def times(self, Y: Tensor) -> Tensor:
+        """Y Z̃ for Y of shape [k, n]: shape [k, q]."""
+        out = torch.empty(Y.shape[0], self.q, dtype=self.dt, device=self.Z.device)
+        out[:, :-1] = 0
+        for i0, i1, Zb in self._rows():
+            out[:, :-1].addmm_(Y[:, i0:i1], Zb)
+        out[:, -1] = Y.sum(1)
+        return out
+
+    def gram_features(self, w: Tensor) -> Tensor:
+        """Z̃ᵀ diag(w) Z̃, shape [q, q]."""
+        p = self.q - 1
+        S = torch.zeros(self.q, self.q, dtype=self.dt, device=self.Z.device)
+        for i0, i1, Zb in self._rows():
+            S[:p, :p].addmm_(Zb.T, Zb * w[i0:i1, None])
+        S[p] = self.times(w[None, :])[0]
+        S[:p, p] = S[p, :p]
+        return S
+
+    def gram_samples(self, s: Tensor) -> Tensor:
+        """diag(s) Z̃ Z̃ᵀ diag(s), shape [n, n].
+
+        Only the blocks on and below the diagonal are multiplied (4 row blocks: 5/8 of the
+        work of the full product), then mirrored; Z is converted by blocks of columns.
+        """
+        n, p = self.n, self.q - 1
+        K = torch.ones(n, n, dtype=self.dt, device=self.Z.device)  # the bias: 1 1ᵀ
+        rb = n if n < 512 else -(-n // 4)
+        step = max(p, 1) if self.same else max(1, FEATURE_BLOCK // n)
+        for j0 in range(0, p, step):
+            block = self.Z[:, j0 : j0 + step]
+            C = block if self.same else self._convert(block)
+            for i0 in range(0, n, rb):
+                i1 = min(i0 + rb, n)
+                K[i0:i1, :i1].addmm_(C[i0:i1], C[:i1].T)
+        for i0 in range(rb, n, rb):
+            i1 = min(i0 + rb, n)
+            K[:i0, i0:i1] = K[i0:i1, :i0].T
+        return K.mul_(s[:, None]).mul_(s[None, :])
 
 
 def _hessian_in(H: OutputHessian, dt: torch.dtype) -> Callable[[Tensor], Tensor]:
@@ -418,14 +530,6 @@ def _hessian_in(H: OutputHessian, dt: torch.dtype) -> Callable[[Tensor], Tensor]
         Hd = H.dense.to(dt)
         return lambda A: torch.einsum("bij,bj->bi", Hd, A)
     return lambda A: H.matvec(A.to(H.dtype)).to(dt)
-
-
-def _with_bias(Z: Tensor) -> Tensor:
-    if Z.dim() != 2:
-        raise ShapeError(
-            f"the inner model's last hidden features must be [B, p], got {tuple(Z.shape)}"
-        )
-    return torch.cat([Z, torch.ones(Z.shape[0], 1, dtype=Z.dtype, device=Z.device)], dim=1)
 
 
 def _cholesky(S: Tensor) -> Tensor:

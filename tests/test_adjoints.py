@@ -31,7 +31,13 @@ def _adjoint_problem(n=40, m=30, p=6, d=3, isotropic=True, seed=0):
 
 
 def _brute_force(prob, H, lam):
-    """Solve the normal equations of J(W) + λ/2‖W‖² by a dense Kronecker system."""
+    """a(x_in) from :func:`_brute_force_w`."""
+    Z = torch.cat([prob.z_in, torch.ones(prob.z_in.shape[0], 1, dtype=torch.float64)], 1)
+    return Z @ _brute_force_w(prob, H, lam).T
+
+
+def _brute_force_w(prob, H, lam):
+    """Solve the normal equations of J(W) + λ/2‖W‖² by a dense Kronecker system: W."""
     Z = torch.cat([prob.z_in, torch.ones(prob.z_in.shape[0], 1, dtype=torch.float64)], 1)
     Zo = torch.cat([prob.z_out, torch.ones(prob.z_out.shape[0], 1, dtype=torch.float64)], 1)
     n, q = Z.shape
@@ -41,8 +47,7 @@ def _brute_force(prob, H, lam):
     A = A + lam * torch.eye(q * d, dtype=torch.float64)
     M = -(prob.g_out.T @ Zo) / Zo.shape[0]
     w = torch.linalg.solve(A, M.T.reshape(-1))
-    W = w.reshape(q, d).T
-    return Z @ W.T
+    return w.reshape(q, d).T
 
 
 @pytest.mark.parametrize("isotropic", [True, False])
@@ -254,3 +259,138 @@ def test_network_adjoint_holdout_stops_before_fitting_noise():
     assert j_held < 0.2 * j_all
     with pytest.raises(ValueError, match="holdout"):
         NetworkAdjoint(holdout=1.0)
+
+
+# ------------------------------------------------------------- the closed-form solve's numerics
+def _problem_with(Z_in, Z_out, G, H):
+    V = torch.zeros(Z_in.shape[0], G.shape[1], dtype=G.dtype)
+    return AdjointProblem(Z_in, Z_out, OutputHessian(H, None, V), G, Z_in, Z_out)
+
+
+def _with_ones(Z):
+    return torch.cat([Z, torch.ones(Z.shape[0], 1, dtype=Z.dtype)], 1)
+
+
+def _dense_isotropic(prob, c, lam):
+    """a(x_in) and J of the isotropic solve from the dense q × q system, in float64."""
+    Z, Zo = _with_ones(prob.z_in.double()), _with_ones(prob.z_out.double())
+    G = prob.g_out.double()
+    n, q = Z.shape
+    S = Z.T @ (c[:, None] / n * Z) + lam * torch.eye(q, dtype=torch.float64)
+    W = torch.linalg.solve(S, -(G.T @ Zo).T / Zo.shape[0]).T
+    A = Z @ W.T
+    J = 0.5 * (c[:, None] * A * A).sum(1).mean() + ((Zo @ W.T) * G).sum(1).mean()
+    return A, float(J)
+
+
+@pytest.mark.parametrize("isotropic", [True, False])
+@pytest.mark.parametrize("n", [40, 5])
+def test_linear_adjoint_loss_matches_brute_force(isotropic, n):
+    # The reported J (in sample space it comes from ⟨W, M⟩, without forming W).
+    prob, H = _adjoint_problem(n=n, isotropic=isotropic)
+    adj = LinearAdjoint(ridge=1e-3, relative=False, solver=funcbo.CG(maxiter=200, tol=1e-13))
+    adj.head = nn.Identity()
+    adj.solve(prob)
+    W = _brute_force_w(prob, H, 1e-3)
+    A, A_out = _with_ones(prob.z_in) @ W.T, _with_ones(prob.z_out) @ W.T
+    J = 0.5 * torch.einsum("bi,bij,bj->b", A, H, A).mean() + (A_out * prob.g_out).sum(1).mean()
+    assert adj.stats["adjoint_loss"] == pytest.approx(float(J), rel=1e-8)
+
+
+@pytest.mark.parametrize("isotropic", [True, False])
+@pytest.mark.parametrize("n,p", [(600, 700), (600, 300)])  # sample space (4 row blocks), features
+def test_linear_adjoint_converts_float32_features_by_blocks(monkeypatch, isotropic, n, p):
+    # A float32 model's features are multiplied in float64 one converted block at a time; the
+    # result is the float64 solve of the same values (the summation order differs).
+    import funcbo.adjoints as adjoints
+
+    monkeypatch.setattr(adjoints, "FEATURE_BLOCK", 5000)  # many blocks of rows and of columns
+    g = torch.Generator().manual_seed(0)
+    Z_in = torch.relu(torch.randn(n, p, generator=g))
+    Z_out = torch.relu(torch.randn(n // 2, p, generator=g))
+    G = torch.randn(n // 2, 3, generator=g)
+    c = 0.5 + torch.rand(n, generator=g)
+    if isotropic:
+        H = c[:, None, None] * torch.eye(3)
+    else:
+        B = torch.randn(n, 3, 3, generator=g)
+        H = B @ B.transpose(1, 2) + 0.3 * torch.eye(3)
+    adj = LinearAdjoint(ridge=1e-3, solver=funcbo.CG(maxiter=300, tol=1e-12))
+    adj.head = nn.Identity()
+    A32 = adj.solve(_problem_with(Z_in, Z_out, G, H))
+    J32 = adj.stats["adjoint_loss"]
+    prob64 = _problem_with(Z_in.double(), Z_out.double(), G.double(), H.double())
+    A64 = adj.solve(prob64)
+    assert A32.dtype == torch.float32
+    # A32 is rounded to float32 at the end, and its Hessians' scales c_i = tr(H_i)/3 too
+    assert rel_err(A32.double(), A64) <= 1e-6
+    assert J32 == pytest.approx(adj.stats["adjoint_loss"], rel=1e-6)
+    if isotropic:
+        A_ref, J_ref = _dense_isotropic(prob64, c.double(), adj.stats["adjoint_ridge"])
+        assert rel_err(A64, A_ref) <= 1e-9
+        assert adj.stats["adjoint_loss"] == pytest.approx(J_ref, rel=1e-9)
+
+
+def _reference_mp(prob, c, lam, digits=50):
+    """a(x_in) of the isotropic solve in 50-digit arithmetic (mpmath), as float64."""
+    import mpmath
+
+    mpmath.mp.dps = digits
+    Z = _with_ones(prob.z_in.double()).tolist()
+    Zo = _with_ones(prob.z_out.double()).tolist()
+    G = prob.g_out.double().tolist()
+    cs = c.double().tolist()
+    n, q, m, d = len(Z), len(Z[0]), len(Zo), len(G[0])
+    S = mpmath.matrix(q, q)
+    for i in range(n):
+        w = mpmath.mpf(cs[i]) / n
+        for a in range(q):
+            for b in range(q):
+                S[a, b] += w * mpmath.mpf(Z[i][a]) * mpmath.mpf(Z[i][b])
+    for a in range(q):
+        S[a, a] += mpmath.mpf(lam)
+    A = torch.empty(n, d, dtype=torch.float64)
+    for k in range(d):
+        rhs = mpmath.matrix([-sum(mpmath.mpf(G[j][k]) * Zo[j][a] for j in range(m)) / m
+                             for a in range(q)])  # fmt: skip
+        w = mpmath.lu_solve(S, rhs)
+        for i in range(n):
+            A[i, k] = float(mpmath.fsum(mpmath.mpf(Z[i][a]) * w[a] for a in range(q)))
+    return A
+
+
+def _ill_conditioned(n, p, seed=1):
+    """Float32 features whose singular values span four decades (S₀'s span eight)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(n, p)
+    V, _ = torch.linalg.qr(torch.randn(p, k, generator=g, dtype=torch.float64))
+    sigma = torch.logspace(0, -4, k, dtype=torch.float64)
+
+    def features(rows):
+        U, _ = torch.linalg.qr(torch.randn(rows, k, generator=g, dtype=torch.float64))
+        return ((U * sigma) @ V.T).float()
+
+    Z_in, Z_out = features(n), features(n)
+    G = torch.randn(n, 2, generator=g).float()
+    c = (0.5 + torch.rand(n, generator=g)).float()
+    return _problem_with(Z_in, Z_out, G, c[:, None, None] * torch.eye(2)), c
+
+
+@pytest.mark.parametrize("n,p", [(12, 20), (40, 10)])  # sample space, feature space
+def test_linear_adjoint_stays_accurate_when_ill_conditioned(n, p):
+    # Nearly collinear float32 features and a relative ridge of 1e-9: the default solve matches
+    # a 50-digit solution to the float32 rounding of its result. A float32 solve is off by
+    # 2e-2 to 4 here, so this test fails if the default solve loses precision.
+    prob, c = _ill_conditioned(n, p)
+    adj = LinearAdjoint(ridge=1e-9)
+    adj.head = nn.Identity()
+    A = adj.solve(prob)
+    ref = _reference_mp(prob, c, adj.stats["adjoint_ridge"])
+    assert rel_err(A.double(), ref) <= 1e-6
+    low = LinearAdjoint(ridge=1e-9, solve_dtype=torch.float32)
+    low.head = nn.Identity()
+    try:
+        err32 = rel_err(low.solve(prob).double(), ref)
+    except torch.linalg.LinAlgError:
+        err32 = float("inf")  # not even positive definite in float32
+    assert not err32 <= 1e-3
