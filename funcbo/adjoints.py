@@ -372,29 +372,38 @@ class LinearAdjoint(Adjoint):
         Z._buffer, Zo = Zo._buffer, None  # one conversion buffer for both
         primal = q <= n or is_distributed()
         sq = (c / n).sqrt()  # the diagonal of D
-        if primal:
-            S = Z.gram_features(sq.square())  # S₀ = Z̃ᵀ D² Z̃
-            all_reduce_mean_([S, M])
-        else:
-            S = Z.gram_samples(sq)  # K₀ = D Z̃ Z̃ᵀ D: same trace and non-zero spectrum as S₀
+        all_reduce_mean_([M])
+
+        def gram() -> Tensor:
+            if primal:
+                S = Z.gram_features(sq.square())  # S₀ = Z̃ᵀ D² Z̃
+                all_reduce_mean_([S])
+                return S
+            return Z.gram_samples(sq)  # K₀ = D Z̃ Z̃ᵀ D: the trace and non-zero spectrum of S₀
+
+        S = gram()
         scale = torch.diagonal(S).sum() / q
         lam = self.ridge * float(scale) if self.relative else self.ridge
         lam = max(lam, torch.finfo(dt).tiny)
-        S.diagonal().add_(lam)
-        L = _cholesky(S)
+
+        def regularised(S: Tensor) -> Tensor:
+            S.diagonal().add_(lam)
+            return S
+
+        L = _cholesky(regularised(S), lambda: regularised(gram()))  # L overwrites S
         del S
 
         def precond(R: Tensor) -> Tensor:  # R S⁻¹ (by Woodbury in sample space)
             if primal:
-                return torch.cholesky_solve(R.T, L).T
-            y = torch.cholesky_solve((Z.times_t(R) * sq).T, L)
+                return _cholesky_solve(L, R.T).T
+            y = _cholesky_solve(L, (Z.times_t(R) * sq).T)
             return (R - Z.times(y.T * sq)) / lam
 
         iters, gave_up = 0, False
         if iso and not primal:
             # a = D⁻¹ K⁻¹ D Z̃ Mᵀ; ⟨W, M⟩ = tr(M S⁻¹ Mᵀ) = (‖M‖² − ⟨D Z̃ Mᵀ, K⁻¹ D Z̃ Mᵀ⟩)/λ.
             b = (Z.times_t(M) * sq).T
-            y = torch.cholesky_solve(b, L)
+            y = _cholesky_solve(L, b)
             A_in = y / sq[:, None]
             WM = (M.square().sum() - (b * y).sum()) / lam
             J = 0.5 * (c[:, None] * A_in.square()).sum(1).mean() - WM
@@ -426,8 +435,8 @@ class LinearAdjoint(Adjoint):
         return A_in.to(out_dtype)
 
 
-#: elements of a block of features converted to the solve dtype at a time (4 MB in float64)
-FEATURE_BLOCK = 2**19
+#: elements of a block of features converted to the solve dtype at a time (1 MB in float64)
+FEATURE_BLOCK = 2**17
 
 
 class _Features:
@@ -532,15 +541,35 @@ def _hessian_in(H: OutputHessian, dt: torch.dtype) -> Callable[[Tensor], Tensor]
     return lambda A: H.matvec(A.to(H.dtype)).to(dt)
 
 
-def _cholesky(S: Tensor) -> Tensor:
-    L, info = torch.linalg.cholesky_ex(S)
+def _cholesky(S: Tensor, rebuild: Callable[[], Tensor] | None = None) -> Tensor:
+    """Lower Cholesky factor L of the symmetric positive definite S, written over S.
+
+    S is symmetric, so Sᵀ (a view) is the same matrix already in LAPACK's column-major order:
+    factorising it into itself needs no copy (the n × n factor is the largest array of a
+    sample-space solve). If the factorisation fails, S is lost: ``rebuild()`` returns it again
+    (default: a copy is kept beforehand, and S is factorised out of place).
+    """
+    if rebuild is None:
+        S, kept = S.clone(), S
+        rebuild = lambda: kept  # noqa: E731
+    St = S.mT
+    info = torch.zeros((), dtype=torch.int32, device=S.device)
+    try:
+        L, info = torch.linalg.cholesky_ex(St, out=(St, info))
+    except RuntimeError:  # an out= this torch does not accept: factorise a copy
+        L, info = torch.linalg.cholesky_ex(S)
     if int(info) != 0:
         # Only reachable with a pathological ridge: add jitter proportional to the scale.
-        jitter = 1e-10 * float(torch.diagonal(S).abs().mean())
-        L = torch.linalg.cholesky(
-            S + jitter * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-        )
+        S = rebuild()
+        S.diagonal().add_(1e-10 * float(torch.diagonal(S).abs().mean()))
+        L = torch.linalg.cholesky(S)
     return L
+
+
+def _cholesky_solve(L: Tensor, B: Tensor) -> Tensor:
+    """(L Lᵀ)⁻¹ B by two triangular solves (``torch.cholesky_solve`` copies L)."""
+    y = torch.linalg.solve_triangular(L, B, upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True)
 
 
 def _one_hot(emb: nn.Embedding, idx: Tensor) -> Tensor:

@@ -394,3 +394,26 @@ def test_linear_adjoint_stays_accurate_when_ill_conditioned(n, p):
     except torch.linalg.LinAlgError:
         err32 = float("inf")  # not even positive definite in float32
     assert not err32 <= 1e-3
+
+
+def test_cholesky_in_place_and_its_fallback():
+    from funcbo.adjoints import _cholesky
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 40, generator=g, dtype=torch.float64)
+    S = X @ X.T + 0.1 * torch.eye(30, dtype=torch.float64)
+    want = torch.linalg.cholesky(S)
+    work = S.clone()
+    L = _cholesky(work, lambda: S.clone())
+    assert L.data_ptr() == work.data_ptr()  # no copy
+    assert torch.allclose(L, want, rtol=0, atol=1e-12)
+    assert torch.equal(L, L.tril())
+    assert torch.allclose(_cholesky(S), want, rtol=0, atol=1e-12)  # without rebuild
+    assert torch.equal(S, X @ X.T + 0.1 * torch.eye(30, dtype=torch.float64))  # S kept
+    # Singular, slightly indefinite: the factorisation fails, S is rebuilt and gets jitter.
+    Y = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    S = Y @ Y.T - 1e-13 * torch.eye(30, dtype=torch.float64)
+    jitter = 1e-10 * float(S.diagonal().abs().mean())
+    for L in (_cholesky(S.clone(), lambda: S.clone()), _cholesky(S)):
+        assert torch.isfinite(L).all()
+        assert torch.allclose(L @ L.T, S + jitter * torch.eye(30, dtype=torch.float64), atol=1e-9)
