@@ -360,11 +360,26 @@ class OutputHessian:
         return float(lam.min())
 
 
+_PROBES: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _probes(V: Tensor) -> Tensor:
+    """Two fixed Rademacher probes shaped like V (drawn once per shape, dtype and device)."""
+    key = (V.shape[0], V.shape[1], V.dtype, V.device)
+    R = _PROBES.get(key)
+    if R is None:
+        gen = torch.Generator().manual_seed(0)  # fixed: never touches the global random state
+        R = (2 * torch.randint(0, 2, (2, *V.shape), generator=gen) - 1).to(V.dtype).to(V.device)
+        if len(_PROBES) >= 8:
+            _PROBES.pop(next(iter(_PROBES)))
+        _PROBES[key] = R
+    return R
+
+
 def _probe_isotropic(g: Callable[[Tensor], Tensor], V: Tensor) -> Tensor | None:
     """c with H_i = c_i·I, judged from two fixed Rademacher probes, or None."""
-    B, d = V.shape
-    gen = torch.Generator().manual_seed(0)  # fixed: never touches the global random state
-    R = (2 * torch.randint(0, 2, (2, B, d), generator=gen) - 1).to(V.dtype).to(V.device)
+    d = V.shape[1]
+    R = _probes(V)
     try:
         with torch.no_grad():
             HR = vmap(lambda r: jvp(g, (V,), (r,))[1])(R)

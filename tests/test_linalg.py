@@ -139,6 +139,14 @@ def test_isotropy_probe_avoids_dense_hessians():
     )
     general = OutputHessian.of_loss(_softmax_ridge, V)
     assert general.dense is not None and general.isotropic is None
+    # The probes are drawn once per shape and reused, without touching the global generator.
+    from funcbo.linalg import _PROBES
+
+    state = torch.random.get_rng_state()
+    again = OutputHessian.of_loss(lambda v: 1.5 * (v**2).sum(1) * (1 + 0 * v[:, 0]), V)
+    assert torch.equal(again.isotropic, iso.isotropic)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert (6, 8, torch.float64, V.device) in _PROBES and len(_PROBES) <= 8
 
 
 def test_output_hessian_carries_no_graph_to_outer_parameters():
