@@ -216,6 +216,13 @@ class ModelFittingUpdater(Updater):
     Model losses (per batch mean, summed over state coordinates):
         mle:  ‖ŝ′ − s′‖² + (r̂ − r)²
         vep:  Σ_e (V_e(ŝ′) − V_e(s′))² + (r̂ − r)²,  V_e fixed random value functions.
+
+    ``vep`` is OMD's ``loss_vep`` and ``update`` (``cartpole/omd.py``): from the same parameters
+    and batches it gives the authors' losses and parameters to float64 rounding
+    (``tests/test_rl_methods.py``). VEP does not pull ŝ′ towards s′, only the five values
+    V_e(ŝ′), so ŝ′ may leave the visited states; on some seeds the target network then values
+    ŝ′ above s′ (γ·V̄(ŝ′)/V̄(s′) ≈ 1.3) and the Q-values grow geometrically. The authors' code
+    diverges the same way on some seeds (h = 3).
     """
 
     def __init__(
