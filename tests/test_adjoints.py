@@ -125,6 +125,24 @@ def test_network_adjoint_default_is_fresh_copy_of_inner_architecture():
     assert torch.equal(warm.model[0].weight, inner[0].weight)
 
 
+def test_network_adjoint_default_optimizer_is_fused_adam_where_torch_has_it(monkeypatch):
+    adj = NetworkAdjoint(steps=1)
+    adj.bind(mlp([3, 8, 2]).double())
+    assert isinstance(adj.optimizer, torch.optim.Adam)
+    assert adj.optimizer.defaults["lr"] == 1e-3 and adj.optimizer.defaults["fused"]
+    plain = torch.optim.Adam
+
+    def no_fused(params, lr, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be on CUDA")
+        return plain(params, lr=lr, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", no_fused)
+    old = NetworkAdjoint(steps=1)
+    old.bind(mlp([3, 8, 2]).double())
+    assert not old.optimizer.defaults["fused"]
+
+
 def test_network_adjoint_without_warm_start_resets_each_solve():
     prob, _ = _adjoint_problem()
     model = nn.Linear(6, 3).double()
