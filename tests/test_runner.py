@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from failing_experiment import NAME as FAILING
 
 import funcbo.cli  # noqa: F401 - registers the built-in experiments
 from funcbo.experiments.config import load_config, plan_runs
@@ -46,7 +47,7 @@ def _untimed(d):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_failing_run_is_isolated_and_reported(tmp_path, workers):
-    data = {**TINY, "problem": {**TINY["problem"], "fail_seed": 1}}
+    data = {**TINY, "experiment": FAILING, "problem": {**TINY["problem"], "fail_seed": 1}}
     cfg = load_config(_config(tmp_path, data))
     out = tmp_path / "out"
     res = run_sweep(plan_runs(cfg), out, workers=workers, progress=False)

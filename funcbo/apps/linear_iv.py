@@ -30,8 +30,6 @@ class LinearIVConfig:
         width, depth: the inner MLP on the one-hot instrument.
         batch_size: minibatch size of both stages.
         data_seed: fixes the dataset across run seeds (None: the run seed draws it).
-        fail_seed: a run with this seed raises an error at its 3rd iteration (to exercise a
-            sweep's failure handling); None disables it.
     """
 
     n: int = 2000
@@ -41,15 +39,10 @@ class LinearIVConfig:
     depth: int = 2
     batch_size: int = 128
     data_seed: int | None = 0
-    fail_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.width < 1 or self.depth < 1:
             raise ValueError("batch_size, width and depth must be ≥ 1")
-
-
-class DeliberateFailure(RuntimeError):
-    """Raised by a run whose seed is the config's ``fail_seed``."""
 
 
 def make_task(spec: RunSpec) -> Task:
@@ -85,17 +78,7 @@ def make_task(spec: RunSpec) -> Task:
         est = iv.estimate(outer)
         return {"beta_error": float((est - exact).norm() / exact.norm())}
 
-    task = TrainerTask(trainer, spec.iterations, evaluate, {"batches": gen})
-    if cfg.fail_seed is not None and spec.seed == cfg.fail_seed:
-        original = task.step
-
-        def failing_step() -> dict[str, float]:
-            if trainer.iteration >= 2:
-                raise DeliberateFailure(f"deliberate failure of seed {spec.seed} (fail_seed)")
-            return original()
-
-        task.step = failing_step  # type: ignore[method-assign]
-    return task
+    return TrainerTask(trainer, spec.iterations, evaluate, {"batches": gen})
 
 
 SPEC = register_experiment(

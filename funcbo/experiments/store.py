@@ -93,10 +93,6 @@ class RunDir:
             )
         return data
 
-    def is_finished(self) -> bool:
-        s = self.summary()
-        return s is not None and s.get("status") == "finished"
-
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.summary_path, summary)
 

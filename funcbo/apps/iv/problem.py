@@ -96,11 +96,6 @@ class IVProblem(BilevelProblem):
         W = ridge_fit(pred, y, lam)
         return ((y - ridge_predict(pred, W)) ** 2).sum(1) + lam * (W**2).sum()
 
-    def outcome_weights(self, pred: Tensor, y: Tensor) -> Tensor:
-        """The closed-form head W = [u; b] for outcome features ``[m, d]`` and outcomes
-        ``[m, 1]``."""
-        return ridge_fit(pred, y, self.outer_ridge)
-
 
 class IVFeatureProblem(BilevelProblem):
     """2SLS as the parametric baselines of the FuncID authors' code pose it.
