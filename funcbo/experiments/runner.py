@@ -39,6 +39,7 @@ from funcbo.experiments.errors import DamagedRunError, ExperimentError, StaleRun
 from funcbo.experiments.store import SWEEP, RunDir
 from funcbo.experiments.task import get_experiment
 from funcbo.io import atomic_write_json
+from funcbo.rng import rng_state, set_rng_state
 from funcbo.trainer import TensorBoardLogger
 
 if TYPE_CHECKING:
@@ -63,35 +64,6 @@ class RunOptions:
     def from_config(cls, cfg: ExperimentConfig) -> RunOptions:
         """The execution settings a config file asks for."""
         return cls(cfg.log_every, cfg.checkpoint_every, cfg.threads, cfg.tensorboard)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": _lists(random.getstate()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    ns = state["numpy"]
-    np.random.set_state((ns[0], ns[1].numpy().astype(np.uint32), *ns[2:]))
-    random.setstate(_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _lists(x: Any) -> Any:
-    return [_lists(v) for v in x] if isinstance(x, tuple) else x
-
-
-def _tuples(x: Any) -> Any:
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
 def _seed_everything(seed: int) -> None:
@@ -189,7 +161,7 @@ def execute_run(
             raise _restart_hint(e, run) from e
         if ckpt is not None:
             task.load_state_dict(ckpt["task"])
-            _set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"])
             start, elapsed = int(ckpt["iteration"]), float(ckpt["elapsed"])
             last_eval: dict[str, float] = dict(ckpt["last_eval"])
             last_train: dict[str, float] = dict(ckpt["last_train"])
@@ -236,7 +208,7 @@ def execute_run(
                 rd.save_checkpoint(
                     {
                         "task": task.state_dict(),
-                        "rng": _rng_state(),
+                        "rng": rng_state(),
                         "iteration": it,
                         "elapsed": elapsed,
                         "last_eval": last_eval,
