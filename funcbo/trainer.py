@@ -5,19 +5,27 @@ estimator for ∇F(ω) (inner steps, adjoint steps, total gradient), and takes o
 optimizer. Per-iteration metrics (losses, gradient norm, time, peak memory, and anything the
 estimator or an ``evaluate`` function reports) go to callbacks: a progress bar, a JSONL log,
 checkpoints, or your own.
+
+Two extension points cover methods that are not "one estimator step, one optimizer step", while
+the loop itself (batch draws, timing, peak memory, counters, callbacks) stays the same:
+
+* ``update=``: a function ``update(trainer, inner_batches, outer_batch) -> metrics`` that
+  replaces the default update (:meth:`Trainer.default_update`): a two-stage method with its own
+  optimizers, extra block-coordinate steps after the hypergradient step, an estimator step
+  with part of ω frozen (call ``trainer.default_update`` inside your context);
+* ``inner_steps=``: how many inner batches one iteration draws, when there is no estimator
+  to ask (or another count is wanted).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -26,8 +34,11 @@ from funcbo.estimator import Batches, HypergradientEstimator
 from funcbo.io import append_jsonl, atomic_torch_save
 from funcbo.memory import peak_bytes, reset_peak
 from funcbo.problem import Batch, BilevelProblem
+from funcbo.rng import rng_state, set_rng_state
 
 Metrics = dict[str, Any]
+#: ``update(trainer, inner_batches, outer_batch) -> metrics``: one outer update (see Trainer)
+Update = Callable[["Trainer", Batches, Batch], Metrics]
 
 
 class Callback:
@@ -77,8 +88,10 @@ class Trainer:
     Args:
         problem: the bilevel problem.
         outer: module holding ω.
-        estimator: any :class:`~funcbo.estimator.HypergradientEstimator`.
-        outer_optimizer: optimizer over ``outer``'s parameters.
+        estimator: any :class:`~funcbo.estimator.HypergradientEstimator`; may be None when
+            ``update`` and ``inner_steps`` are given.
+        outer_optimizer: optimizer over ``outer``'s parameters; may be None when ``update``
+            steps its own optimizers.
         inner_loader, outer_loader: sources of inner and outer batches (see :class:`BatchStream`).
         callbacks: :class:`Callback` instances.
         evaluate: ``evaluate(trainer) -> dict`` of extra metrics (a test error, say), called
@@ -89,14 +102,21 @@ class Trainer:
             loaders yield (they must yield the same global batches on every rank, e.g. from
             generators seeded alike); inner, adjoint and outer gradients are then averaged across
             ranks, which equals one process training on the whole batches.
+        update: ``update(trainer, inner_batches, outer_batch) -> metrics``, one outer update
+            in place of :meth:`default_update`, given the batches drawn (and sharded) for this
+            iteration; it runs inside the timed and memory-measured part of :meth:`step`, and
+            the metrics it returns are the iteration's (before time and memory are added). An
+            ``update`` with ``state_dict``/``load_state_dict`` methods has its state saved in
+            :meth:`state_dict` under ``"update"``.
+        inner_steps: inner batches drawn per iteration (default: ``estimator.inner_steps``).
     """
 
     def __init__(
         self,
         problem: BilevelProblem,
         outer: nn.Module,
-        estimator: HypergradientEstimator,
-        outer_optimizer: torch.optim.Optimizer,
+        estimator: HypergradientEstimator | None,
+        outer_optimizer: torch.optim.Optimizer | None,
         inner_loader: Iterable[Batch] | Callable[[], Batch],
         outer_loader: Iterable[Batch] | Callable[[], Batch],
         callbacks: Sequence[Callback] = (),
@@ -105,12 +125,20 @@ class Trainer:
         eval_every: int = 1,
         device: torch.device | str | None = None,
         shard: bool = True,
+        update: Update | None = None,
+        inner_steps: int | None = None,
     ) -> None:
+        if update is None and (estimator is None or outer_optimizer is None):
+            raise ValueError("Trainer needs an estimator and an outer optimizer, or an update")
+        if inner_steps is None and estimator is None:
+            raise ValueError("Trainer without an estimator needs inner_steps")
         self.problem = problem
         self.shard = shard
         self.outer = outer
         self.estimator = estimator
         self.outer_optimizer = outer_optimizer
+        self.update = update
+        self.inner_steps = inner_steps
         self.inner_stream = BatchStream(inner_loader, "inner")
         self.outer_stream = BatchStream(outer_loader, "outer")
         self.callbacks = list(callbacks)
@@ -126,25 +154,35 @@ class Trainer:
         self.history: list[Metrics] = []
 
     def step(self) -> Metrics:
-        """One outer iteration; returns its metrics."""
-        est = self.estimator
-        inner_batches = Batches(self.inner_stream.next() for _ in range(est.inner_steps))
+        """One outer iteration; returns its metrics.
+
+        Draws the inner batches (``inner_steps``, default ``estimator.inner_steps``) and then
+        the outer batch, runs the update (``update`` or :meth:`default_update`), and adds
+        ``iteration``, ``iter_time_s`` (the update's seconds), ``time_s`` (their running total)
+        and ``peak_memory_mb`` to its metrics; then ``evaluate``'s, when due.
+        """
+        n_inner = self.inner_steps
+        if n_inner is None:
+            assert self.estimator is not None  # checked in __init__
+            n_inner = self.estimator.inner_steps
+        inner_batches = Batches(self.inner_stream.next() for _ in range(n_inner))
         outer_batch = self.outer_stream.next()
         if self.shard and is_distributed():
             inner_batches = Batches(shard_batch(b) for b in inner_batches)
             outer_batch = shard_batch(outer_batch)
         reset_peak(self.device)
         t0 = time.perf_counter()
-        est.step(self.problem, self.outer, inner_batches, outer_batch)
-        self.outer_optimizer.step()
-        self.outer_optimizer.zero_grad(set_to_none=True)
+        if self.update is not None:
+            stats = self.update(self, inner_batches, outer_batch)
+        else:
+            stats = self.default_update(inner_batches, outer_batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         self.elapsed += dt
         self.iteration += 1
         metrics: Metrics = {"iteration": self.iteration}
-        metrics.update(est.stats)
+        metrics.update(stats)
         metrics["iter_time_s"] = dt
         metrics["time_s"] = self.elapsed
         metrics["peak_memory_mb"] = peak_bytes(self.device) / 2**20
@@ -152,6 +190,19 @@ class Trainer:
         if self.evaluate is not None and (self.iteration % self.eval_every == 0 or last):
             metrics.update(self.evaluate(self))
         return metrics
+
+    def default_update(self, inner_batches: Batches, outer_batch: Batch) -> Metrics:
+        """The update of Algorithm 1: ``estimator.step`` (inner steps, adjoint, ∇F(ω) written
+        to ``.grad``), one step of the outer optimizer, gradients cleared. Returns the
+        estimator's ``stats``. A custom ``update`` may call it (e.g. inside a context that
+        freezes part of ω, or before extra steps of its own)."""
+        est, opt = self.estimator, self.outer_optimizer
+        if est is None or opt is None:
+            raise ValueError("default_update needs the trainer's estimator and outer optimizer")
+        est.step(self.problem, self.outer, inner_batches, outer_batch)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return dict(est.stats)
 
     def fit(self, iterations: int) -> list[Metrics]:
         """Run until ``iterations`` outer iterations in total have been done (a resumed trainer
@@ -174,46 +225,36 @@ class Trainer:
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Outer variable, optimizers, estimator state, iteration counters and RNG states."""
-        np_state = np.random.get_state()
-        return {
+        """Outer variable, optimizers, estimator state, the ``update``'s state (when it has
+        one), iteration counters and the global RNG states (:func:`funcbo.rng.rng_state`)."""
+        state: dict[str, Any] = {
             "iteration": self.iteration,
             "elapsed": self.elapsed,
             "outer": self.outer.state_dict(),
-            "outer_optimizer": self.outer_optimizer.state_dict(),
-            "estimator": self.estimator.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": [
-                    np_state[0],
-                    torch.from_numpy(np_state[1].astype(np.int64)),
-                    *np_state[2:],
-                ],
-                "python": _to_lists(random.getstate()),
-            },
         }
+        if self.outer_optimizer is not None:
+            state["outer_optimizer"] = self.outer_optimizer.state_dict()
+        if self.estimator is not None:
+            state["estimator"] = self.estimator.state_dict()
+        if hasattr(self.update, "state_dict"):
+            state["update"] = self.update.state_dict()  # type: ignore[union-attr]
+        state["rng"] = rng_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`."""
         self.iteration = int(state["iteration"])
         self.elapsed = float(state["elapsed"])
         self.outer.load_state_dict(state["outer"])
-        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
-        self.estimator.load_state_dict(state["estimator"])
+        if self.outer_optimizer is not None:
+            self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        if self.estimator is not None:
+            self.estimator.load_state_dict(state["estimator"])
+        if hasattr(self.update, "load_state_dict") and "update" in state:
+            self.update.load_state_dict(state["update"])  # type: ignore[union-attr]
         rng = state.get("rng")
         if rng:
-            torch.set_rng_state(rng["torch"])
-            ns = rng["numpy"]
-            np.random.set_state((ns[0], ns[1].numpy().astype(np.uint32), *ns[2:]))
-            random.setstate(_to_tuples(rng["python"]))
-
-
-def _to_lists(x: Any) -> Any:
-    return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
-
-
-def _to_tuples(x: Any) -> Any:
-    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+            set_rng_state(rng)
 
 
 # ------------------------------------------------------------------------------- callbacks

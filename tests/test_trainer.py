@@ -128,3 +128,84 @@ def test_batch_stream_cycles_and_reports_exhaustion():
         BatchStream([], "inner").next()
     counter = iter(range(100))
     assert BatchStream(lambda: next(counter), "inner").next() == 0
+
+
+def test_update_wrapping_default_update_matches_the_default_loop():
+    lq, outer, est, opt = _setup()
+    plain = funcbo.Trainer(lq.problem, outer, est, opt, [lq.inner_batch], [lq.outer_batch])
+    plain_hist = plain.fit(6)
+
+    calls = []
+
+    def update(trainer, inner_batches, outer_batch):
+        calls.append(len(inner_batches))
+        metrics = trainer.default_update(inner_batches, outer_batch)
+        metrics["extra"] = 1.0
+        return metrics
+
+    lq, outer2, est2, opt2 = _setup()
+    hooked = funcbo.Trainer(
+        lq.problem, outer2, est2, opt2, [lq.inner_batch], [lq.outer_batch], update=update
+    )
+    hist = hooked.fit(6)
+    assert calls == [est2.inner_steps] * 6
+    assert torch.equal(outer2.weight, outer.weight)
+    for a, b in zip(plain_hist, hist, strict=True):
+        assert b.pop("extra") == 1.0
+        assert {k: v for k, v in a.items() if "time" not in k and "memory" not in k} == {
+            k: v for k, v in b.items() if "time" not in k and "memory" not in k
+        }
+        assert {"iteration", "iter_time_s", "time_s", "peak_memory_mb"} <= set(b)
+
+
+class _CountingUpdate:
+    """An update without an estimator: records the batches it is given; has a state."""
+
+    def __init__(self):
+        self.seen = []
+        self.total = 0
+
+    def __call__(self, trainer, inner_batches, outer_batch):
+        self.seen.append((list(inner_batches), outer_batch))
+        self.total += sum(inner_batches) + outer_batch
+        return {"total": float(self.total)}
+
+    def state_dict(self):
+        return {"total": self.total}
+
+    def load_state_dict(self, state):
+        self.total = state["total"]
+
+
+def test_update_without_estimator_draws_inner_steps_batches_and_saves_its_state(tmp_path):
+    outer = torch.nn.Linear(1, 1)
+    upd = _CountingUpdate()
+    inner_src, outer_src = iter(range(100)), iter(range(100, 200))
+    tr = funcbo.Trainer(
+        None,
+        outer,
+        None,
+        None,
+        lambda: next(inner_src),
+        lambda: next(outer_src),
+        update=upd,
+        inner_steps=3,
+    )
+    hist = tr.fit(2)
+    # inner batches first, then the outer batch, iteration after iteration
+    assert upd.seen == [([0, 1, 2], 100), ([3, 4, 5], 101)]
+    assert [m["total"] for m in hist] == [103.0, 216.0] and tr.iteration == 2
+    state = tr.state_dict()
+    assert state["update"] == {"total": 216} and "estimator" not in state
+    upd2 = _CountingUpdate()
+    tr2 = funcbo.Trainer(None, outer, None, None, [0], [0], update=upd2, inner_steps=1)
+    tr2.load_state_dict(state)
+    assert upd2.total == 216 and tr2.iteration == 2
+
+
+def test_trainer_without_estimator_needs_update_and_inner_steps():
+    outer = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="or an update"):
+        funcbo.Trainer(None, outer, None, None, [0], [0], inner_steps=1)
+    with pytest.raises(ValueError, match="needs inner_steps"):
+        funcbo.Trainer(None, outer, None, None, [0], [0], update=_CountingUpdate())
