@@ -1,9 +1,10 @@
 """One resumable IV run: a method on a dataset, seed and budget (the experiment layer's Task).
 
-Each outer iteration draws the stage-1 (inner) batches a method consumes and one stage-2
-(outer) batch, as random subsets without replacement drawn from a ``torch.Generator`` owned by
-the task (the whole half when the batch size is None or at least the half's size, with no draw),
-then
+The outer loop is a :class:`~funcbo.Trainer` (batch draws, timing, peak memory, iteration
+count); the task gives it the method's update as its ``update`` hook. Each outer iteration draws
+the stage-1 (inner) batches a method consumes and then one stage-2 (outer) batch, as random
+subsets without replacement drawn from a ``torch.Generator`` owned by the task (the whole half
+when the batch size is None or at least the half's size, with no draw), then
 
 * library kinds (``funcid``, ``funcid_linear``, ``aid``, ``itd``, ``gradient_penalty``,
   ``value_penalty``): ``estimator.step`` on :class:`~funcbo.apps.iv.problem.IVProblem` and one
@@ -23,7 +24,6 @@ from :meth:`IVTask.state_dict` continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from typing import Any
 
@@ -47,6 +47,7 @@ from funcbo.estimator import Batches, HypergradientEstimator
 from funcbo.experiments.methods import build_estimator, make_optimizer
 from funcbo.experiments.task import RunSpec, Task
 from funcbo.inner import frozen
+from funcbo.trainer import Trainer
 
 
 def make_dataset(cfg: IVProblemConfig, seed: int) -> IVData:
@@ -190,10 +191,21 @@ class IVTask(Task):
                     mc.outer_optimizer, omega, mc.outer_lr, mc.outer_weight_decay, n_out
                 )
         self.generator = torch.Generator().manual_seed(spec.seed)
-        self.iteration = 0
-        self.elapsed = 0.0
         #: linear solves that gave up so far (CG returned its start: no implicit term)
         self.solver_gave_up_total = 0
+        #: the outer loop: draws the batches, times the update and counts iterations
+        self.trainer = Trainer(
+            self.problem,
+            self.outer,
+            self.estimator,
+            self.outer_optimizer,
+            self.inner_batch,
+            self.outer_batch,
+            device=self.device,
+            shard=False,
+            update=self._update,
+            inner_steps=None if self.dfiv is None else self.dfiv.inner_steps,
+        )
 
     def _summed_samples(self) -> tuple[int, int]:
         """Samples the stage-1 and stage-2 losses of one step sum over in the reference code
@@ -279,49 +291,48 @@ class IVTask(Task):
         """A stage-2 batch ``{"z", "y"}``."""
         return self._batch(self.tensors.stage2, self.config.outer_batch_size)
 
-    # ------------------------------------------------------------------------- Task interface
-    def step(self) -> dict[str, float]:
-        """One outer iteration; returns ``outer_loss``, ``inner_loss``, ``grad_norm``, timing and
-        the estimator's other diagnostics (``adjoint_loss``, ...)."""
-        t0 = time.perf_counter()
+    # ------------------------------------------------------------------------------ update
+    def _update(
+        self, trainer: Trainer, inner: Batches, outer_batch: dict[str, Tensor]
+    ) -> dict[str, float]:
+        """One outer update on the batches the trainer drew (see the module docstring)."""
         if self.dfiv is not None:
-            inner = [self.inner_batch() for _ in range(self.dfiv.inner_steps)]
-            stats = self.dfiv.step(inner, self.outer_batch())
-        else:
-            assert self.estimator is not None and self.outer_optimizer is not None
-            inner = Batches(self.inner_batch() for _ in range(self.estimator.inner_steps))
-            outer_batch = self.outer_batch()
-            covariate = self.outer.covariate if self.covariate_optimizer is not None else None
-            # The feature formulation refits stage 1 inside the outer loss: the outer batch
-            # carries the (last) stage-1 batch too.
-            est_outer = (
-                feature_outer_batch(inner[-1], outer_batch)
-                if self.features_formulation
-                else outer_batch
-            )
-            # χ has its own steps: keep it out of the hypergradient (and of the grad norm).
-            with nullcontext() if covariate is None else frozen(covariate):
-                self.estimator.step(self.problem, self.outer, inner, est_outer)
-            self.outer_optimizer.step()
-            self.outer_optimizer.zero_grad(set_to_none=True)
-            stats = dict(self.estimator.stats)
-            gave_up = sum(v for k, v in stats.items() if k.endswith("gave_up"))
-            if gave_up:
-                self.solver_gave_up_total += int(gave_up)
-            stats["solver_gave_up_total"] = float(self.solver_gave_up_total)
-            if covariate is not None:
-                stats["covariate_loss"] = self._covariate_update(outer_batch)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
-        self.iteration += 1
-        self.elapsed += dt
-        return {
-            **stats,
-            "iteration": float(self.iteration),
-            "iter_time_s": dt,
-            "time_s": self.elapsed,
-        }
+            return self.dfiv.step(inner, outer_batch)
+        covariate = self.outer.covariate if self.covariate_optimizer is not None else None
+        # The feature formulation refits stage 1 inside the outer loss: the outer batch
+        # carries the (last) stage-1 batch too.
+        est_outer = (
+            feature_outer_batch(inner[-1], outer_batch)
+            if self.features_formulation
+            else outer_batch
+        )
+        # χ has its own steps: keep it out of the hypergradient (and of the grad norm).
+        with nullcontext() if covariate is None else frozen(covariate):
+            stats = trainer.default_update(inner, est_outer)
+        gave_up = sum(v for k, v in stats.items() if k.endswith("gave_up"))
+        if gave_up:
+            self.solver_gave_up_total += int(gave_up)
+        stats["solver_gave_up_total"] = float(self.solver_gave_up_total)
+        if covariate is not None:
+            stats["covariate_loss"] = self._covariate_update(outer_batch)
+        return stats
+
+    # ------------------------------------------------------------------------- Task interface
+    @property
+    def iteration(self) -> int:
+        """Outer iterations done."""
+        return self.trainer.iteration
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds spent in the outer updates so far."""
+        return self.trainer.elapsed
+
+    def step(self) -> dict[str, float]:
+        """One outer iteration of the trainer; returns ``outer_loss``, ``inner_loss``,
+        ``grad_norm``, the method's other diagnostics (``adjoint_loss``, ...), ``iteration``,
+        timing and peak memory."""
+        return self.trainer.step()
 
     def evaluate(self) -> dict[str, float]:
         """``test_mse``: out-of-sample MSE after the closed-form 2SLS refit (see
@@ -356,8 +367,8 @@ class IVTask(Task):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration = int(state["iteration"])
-        self.elapsed = float(state["elapsed"])
+        self.trainer.iteration = int(state["iteration"])
+        self.trainer.elapsed = float(state["elapsed"])
         self.outer.load_state_dict(state["outer"])
         self.inner.load_state_dict(state["inner"])
         self.generator.set_state(state["generator"])
