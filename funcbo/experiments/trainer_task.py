@@ -1,8 +1,11 @@
 """A :class:`~funcbo.experiments.task.Task` made of a library :class:`~funcbo.Trainer`.
 
-Applications whose methods are library estimators build a Trainer whose loaders draw minibatches
-from generators they own, and wrap it here; the task's state is the trainer's plus those
-generators', so a restored task draws the same batches an uninterrupted one would.
+Applications whose methods are library estimators (or any update given to the Trainer as its
+``update`` hook) build a Trainer whose loaders draw minibatches from generators they own, and
+wrap it here; the task's state is the trainer's (with the global random generators, see
+:mod:`funcbo.rng`) plus those generators', so a restored task draws the same batches an
+uninterrupted one would. (A task with a checkpoint format of its own, such as the IV task, holds
+a Trainer and saves its state itself.)
 """
 
 from __future__ import annotations
