@@ -34,13 +34,18 @@ FuncID methods, ``--repeats`` further calls with a :class:`funcbo.memory.PhaseMe
 call down into its phases (forward passes, outer gradient, output Hessian, adjoint solve, cross
 derivative): the time of each and its peak memory above the call's start. The script prints,
 per instance, a table with ratios to ``funcid_linear`` and to a plain step, the phase table and
-the targets, and writes JSON.
+the targets, and writes JSON. Each row also reports the CPU time of its calls, which contention
+inflates less than the wall time. On a shared machine, ``--rounds N`` measures every row N
+times, interleaved, and reports the medians, so that a change in the load during the sweep
+does not land on one method only.
 
 Usage::
 
-    python benchmarks/hypergradient_cost.py                      # both instances (~15 min)
+    python benchmarks/hypergradient_cost.py                      # both instances (~40 min)
     python benchmarks/hypergradient_cost.py --large-4096         # and the large one at 4096
     python benchmarks/hypergradient_cost.py --instances large --methods funcid_linear plain_step
+    python benchmarks/hypergradient_cost.py --instances large --rounds 5 \\
+        --methods funcid_linear funcid_network plain_step       # medians of 5 interleaved rounds
     python benchmarks/hypergradient_cost.py --widths 64 256 --repeats 3
     python benchmarks/hypergradient_cost.py --check              # funcbo AID vs TorchOpt only
 """
@@ -337,26 +342,30 @@ def _cpu_seconds() -> tuple[float, float] | None:
 def measure(fn: Callable[[], Any], repeats: int, device: torch.device) -> dict[str, Any]:
     """One warm-up call, then ``repeats`` timed calls with their extra peak memory.
 
-    Also returns ``other_cpu``: the CPU time other processes used during the timed calls, as a
-    fraction of the machine's cores (0 on a quiet machine; contention inflates the timings).
+    Also returns ``cpu_ms``, the median CPU time of this process per call (on a shared machine
+    it is less inflated by contention than the wall time: with one thread, time spent waiting
+    for the core is not counted), and ``other_cpu``: the CPU time other processes used during
+    the timed calls, as a fraction of the machine's cores (0 on a quiet machine; contention
+    inflates the timings).
     """
     out = fn()
     _sync(device)
     del out
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-    times, extras, befores = [], [], []
+    times, cpus, extras, befores = [], [], [], []
     for _ in range(repeats):
         gc.collect()
         _sync(device)
         reset_peak(device)
         before = current_bytes(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         _sync(device)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         extras.append(max(peak_bytes(device) - before, 0) / MB)
         befores.append(before / MB)
         times.append(dt * 1e3)
+        cpus.append(dc * 1e3)
         del out
     cpu1, wall = _cpu_seconds(), time.perf_counter() - wall0
     other = None
@@ -365,8 +374,10 @@ def measure(fn: Callable[[], Any], repeats: int, device: torch.device) -> dict[s
     return {
         "other_cpu": other,
         "time_ms": statistics.median(times),
+        "cpu_ms": statistics.median(cpus),
         "extra_mb": statistics.median(extras),
         "time_ms_all": times,
+        "cpu_ms_all": cpus,
         "extra_mb_all": extras,
         "mem_before_mb": statistics.median(befores),
     }
@@ -492,6 +503,44 @@ def run_worker(args: argparse.Namespace, cfg: dict[str, Any], extra: list[str]) 
     return {"status": "failed", "note": note}
 
 
+#: the per-call figures that --rounds takes the median of
+ROUND_KEYS = ("time_ms", "cpu_ms", "extra_mb", "other_cpu")
+
+
+def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One result per (instance, method, width): the median over the rounds.
+
+    Each round measured every row once, in order, each in a fresh process; a row's time,
+    CPU time, extra memory and contention are the medians of its rounds' medians (every
+    round's figures are kept under ``rounds``), and its phases the medians of its rounds'. A row
+    that failed in some round keeps the rounds that succeeded; in none, the first failure.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = []
+    for i, first in enumerate(rounds[0]):
+        runs = [rnd[i] for rnd in rounds]
+        ok = [r for r in runs if r["status"] == "ok"]
+        if not ok:
+            merged.append(first)
+            continue
+        row = dict(ok[0])
+        row["rounds"] = [{k: r.get(k) for k in ROUND_KEYS} for r in ok]
+        for k in ROUND_KEYS:
+            values = [r[k] for r in ok if r.get(k) is not None]
+            row[k] = statistics.median(values) if values else None
+        if ok[0].get("phases"):
+            row["phases"] = {
+                name: {
+                    q: statistics.median(r["phases"][name][q] for r in ok)
+                    for q in ("time_ms", "peak_mb")
+                }
+                for name in ok[0]["phases"]
+            }
+        merged.append(row)
+    return merged
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not b > 0:
         return None
@@ -560,6 +609,9 @@ def evaluate_targets(results: list[dict[str, Any]], min_width: int = 1024) -> li
             f = _get(results, method, w, instance)
             o = _get(results, other, w, instance)
             ratio = _ratio(f[key], o[key]) if f and o else None
+            cpu_ratio = (
+                _ratio(f.get("cpu_ms"), o.get("cpu_ms")) if f and o and key == "time_ms" else None
+            )
             b = float(f.get("adjoint_steps", 10) + 2) if bound is None and f else bound or 0.0
             out.append(
                 {
@@ -567,6 +619,7 @@ def evaluate_targets(results: list[dict[str, Any]], min_width: int = 1024) -> li
                     "target": f"{method} {what} <= {b:g}x {other}",
                     "width": w,
                     "ratio": ratio,
+                    "cpu_ratio": cpu_ratio,
                     "bound": b,
                     "met": None if ratio is None else ratio <= b,
                     "primary": other != "aid_cg" or aid_ref == "aid_cg",
@@ -605,26 +658,29 @@ def format_table(results: list[dict[str, Any]]) -> str:
     """Markdown table: method × width with absolute figures and ratios to funcid_linear and
     to a plain gradient step (same instance and width)."""
     lines = [
-        "| width | params | method | time (ms) | extra memory (MB) | time / funcid_linear "
-        "| memory / funcid_linear | time / plain_step | memory / plain_step | notes |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| width | params | method | time (ms) | CPU time (ms) | extra memory (MB) "
+        "| time / funcid_linear | memory / funcid_linear | time / plain_step "
+        "| CPU time / plain_step | memory / plain_step | notes |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     order = {m: i for i, m in enumerate(METHODS)}
     for r in sorted(results, key=lambda r: (_key(r), order.get(r["method"], 99))):
         if r["status"] != "ok":
             lines.append(
-                f"| {r['width']} | | {r['method']} | {r['status']} | | | | | | "
+                f"| {r['width']} | | {r['method']} | {r['status']} | | | | | | | | "
                 f"{r.get('note', '')} |"
             )
             continue
         plain = _get(results, "plain_step", r["width"], r.get("instance", "base"))
         t_plain = _ratio(r["time_ms"], plain["time_ms"]) if plain else None
+        c_plain = _ratio(r.get("cpu_ms"), plain.get("cpu_ms")) if plain else None
         m_plain = _ratio(r["extra_mb"], plain["extra_mb"]) if plain else None
         lines.append(
             f"| {r['width']} | {r['n_params'] / 1e6:.2f}M | {r['method']} | {r['time_ms']:.1f} "
-            f"| {r['extra_mb']:.1f} | {_fmt(r.get('time_ratio'), '.3f')} "
-            f"| {_fmt(r.get('mem_ratio'), '.3f')} | {_fmt(t_plain, '.3f')} "
-            f"| {_fmt(m_plain, '.3f')} | {_notes(r)} |"
+            f"| {_fmt(r.get('cpu_ms'), '.1f')} | {r['extra_mb']:.1f} "
+            f"| {_fmt(r.get('time_ratio'), '.3f')} | {_fmt(r.get('mem_ratio'), '.3f')} "
+            f"| {_fmt(t_plain, '.3f')} | {_fmt(c_plain, '.3f')} | {_fmt(m_plain, '.3f')} "
+            f"| {_notes(r)} |"
         )
     return "\n".join(lines)
 
@@ -659,9 +715,11 @@ def format_targets(targets: list[dict[str, Any]]) -> str:
     for t in targets:
         verdict = "n/a (missing)" if t["met"] is None else ("met" if t["met"] else "MISSED")
         tag = "" if t["primary"] else "  [also vs funcbo's AID]"
+        cpu = t.get("cpu_ratio")
+        cpu_note = "" if cpu is None else f" (CPU time: {cpu:.3f})"
         lines.append(
             f"- {t.get('instance', 'base')}, width {t['width']}: {t['target']}: ratio "
-            f"{_fmt(t['ratio'], '.3f')} -> {verdict}{tag}"
+            f"{_fmt(t['ratio'], '.3f')}{cpu_note} -> {verdict}{tag}"
         )
     return "\n".join(lines)
 
@@ -723,6 +781,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in workers")
     p.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure every row this many times, interleaved (median of the rounds reported)",
+    )  # fmt: skip
     p.add_argument("--train-steps", type=int, default=20, help="Adam steps on the inner model")
     p.add_argument("--inner-lr", type=float, default=1e-3)
     p.add_argument("--adjoint-steps", type=int, default=10, help="K for funcid_network")
@@ -816,7 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join(
             ["python", "benchmarks/hypergradient_cost.py", *(argv or sys.argv[1:])]
         ),
-        "config": {"methods": args.methods, "instances": instances},
+        "config": {"methods": args.methods, "rounds": args.rounds, "instances": instances},
         "environment": environment(args.threads),
         "methods": {m: NOTES[m] for m in args.methods},
         "load_average_start": list(os.getloadavg()),
@@ -830,22 +892,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     torchopt_ok = have_torchopt()
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    for name, icfg in instances.items():
-        cfg = {k: icfg[k] for k in CFG_KEYS}
-        for width in icfg["widths"]:
-            for method in args.methods:
-                if method == "torchopt_aid_cg" and not torchopt_ok:
-                    res = {"status": "skipped", "note": "torchopt not installed"}
-                else:
-                    res = run_worker(args, cfg, ["--worker", method, "--width", str(width)])
-                res.update(instance=name, method=method, width=width)
-                results.append(res)
-                shown = (
-                    f"{res['time_ms']:10.1f} ms {res['extra_mb']:9.1f} MB"
-                    if res["status"] == "ok"
-                    else f"{res['status']}: {res.get('note', '')}"
-                )
-                print(f"  {name:5s} width {width:5d}  {method:16s} {shown}", flush=True)
+    rounds: list[list[dict[str, Any]]] = []
+    for k in range(args.rounds):
+        tag = f" (round {k + 1}/{args.rounds})" if args.rounds > 1 else ""
+        rounds.append([])
+        for name, icfg in instances.items():
+            cfg = {key: icfg[key] for key in CFG_KEYS}
+            for width in icfg["widths"]:
+                for method in args.methods:
+                    if method == "torchopt_aid_cg" and not torchopt_ok:
+                        res = {"status": "skipped", "note": "torchopt not installed"}
+                    else:
+                        res = run_worker(args, cfg, ["--worker", method, "--width", str(width)])
+                    res.update(instance=name, method=method, width=width)
+                    rounds[-1].append(res)
+                    shown = (
+                        f"{res['time_ms']:10.1f} ms {res['extra_mb']:9.1f} MB"
+                        if res["status"] == "ok"
+                        else f"{res['status']}: {res.get('note', '')}"
+                    )
+                    print(f"  {name:5s} width {width:5d}  {method:16s} {shown}{tag}", flush=True)
+    results = merge_rounds(rounds)
     add_ratios(results)
     targets = evaluate_targets(results)
     record.update(
@@ -859,7 +926,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"\n{name}: one total-gradient estimate, depth {args.depth}, batch {icfg['batch']}, "
             f"d_v {icfg['out_dim']}, {args.dtype}, {args.device}, {args.threads} threads, "
-            f"median of {args.repeats} calls:"
+            f"median of {args.repeats} calls"
+            + (f", median of {args.rounds} rounds:" if args.rounds > 1 else ":")
         )
         print(format_table(rows))
         phases = format_phases(rows)

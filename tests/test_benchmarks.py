@@ -139,3 +139,31 @@ def test_targets_report_misses() -> None:
     assert by_key[("large", "funcid_linear time <= 0.1x torchopt_aid_cg")]["met"] is None
     assert "MISSED" in bench.format_targets(list(targets.values()))
     assert "| 1024 | 0.00M |" not in bench.format_table([])  # an empty table is only a header
+
+
+def test_rounds_are_merged_into_medians() -> None:
+    """--rounds: every figure is the median over the rounds; failed rounds are left out."""
+    bench = _load()
+
+    def row(t: float, status: str = "ok") -> dict[str, object]:
+        phases = {"solve": {"time_ms": t / 2, "peak_mb": 1.0}}
+        return {
+            "instance": "base",
+            "method": "funcid_linear",
+            "width": 64,
+            "status": status,
+            "time_ms": t,
+            "cpu_ms": t - 1,
+            "extra_mb": 2.0,
+            "other_cpu": 0.5,
+            "phases": phases,
+        }
+
+    rounds = [[row(10.0)], [row(30.0)], [row(20.0)], [row(99.0, "failed")]]
+    (merged,) = bench.merge_rounds(rounds)
+    assert merged["time_ms"] == 20.0 and merged["cpu_ms"] == 19.0
+    assert merged["phases"]["solve"]["time_ms"] == 10.0
+    assert [r["time_ms"] for r in merged["rounds"]] == [10.0, 30.0, 20.0]
+    assert bench.merge_rounds([[row(5.0)]])[0]["time_ms"] == 5.0
+    (failed,) = bench.merge_rounds([[row(1.0, "failed")], [row(2.0, "failed")]])
+    assert failed["status"] == "failed"
