@@ -115,7 +115,7 @@ def test_changed_config_does_not_reuse_finished_runs(capsys, tmp_path, config):
 
     # A field added since the run was made, at its default value, is no difference.
     stored = yaml.safe_load(before)
-    assert stored["methods"]["lin"].pop("damping") == 0.0
+    assert stored["methods"]["lin"].pop("ridge_relative") is True
     rd.write_config(yaml.safe_dump(stored))
     rc, err = _run(capsys, *common)
     assert rc == 0 and "1 already done" in err

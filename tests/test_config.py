@@ -11,7 +11,7 @@ from funcbo.experiments.config import (
     parse_seeds,
     plan_runs,
 )
-from funcbo.experiments.methods import MethodConfig
+from funcbo.experiments.methods import FuncIDLinear
 
 BASE = {
     "experiment": "linear_iv",
@@ -32,7 +32,7 @@ def test_valid_config_is_typed(tmp_path):
     cfg = load_config(_write(tmp_path, BASE))
     assert cfg.name == "exp"
     assert cfg.problem.n == 200 and cfg.problem.width == 8 and cfg.problem.depth == 2
-    assert isinstance(cfg.methods["lin"], MethodConfig)
+    assert isinstance(cfg.methods["lin"], FuncIDLinear)
     assert cfg.methods["lin"].inner_lr == 1e-3 and isinstance(cfg.methods["aid"].inner_lr, float)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from funcbo.experiments.methods import MethodConfig, build_estimator, make_optimizer
+from funcbo.experiments.methods import BuildContext, EstimatorMethod
 from funcbo.experiments.task import ExperimentSpec, RunSpec, Task, register_experiment
 from funcbo.experiments.trainer_task import TrainerTask
 from funcbo.synthetic import LinearIV, minibatches
@@ -48,7 +48,7 @@ class LinearIVConfig:
 def make_task(spec: RunSpec) -> Task:
     """The Trainer-based task of one ``linear_iv`` run."""
     cfg: LinearIVConfig = spec.problem
-    m: MethodConfig = spec.method_config
+    m: EstimatorMethod = spec.method_config
     dtype = spec.torch_dtype
     data_seed = spec.seed if cfg.data_seed is None else cfg.data_seed
     iv = LinearIV(n=cfg.n, K=cfg.groups, q=cfg.treatment_dim, seed=data_seed, dtype=dtype)
@@ -56,10 +56,8 @@ def make_task(spec: RunSpec) -> Task:
     torch.manual_seed(spec.seed)
     outer = iv.make_outer().to(device)
     inner = iv.make_inner(width=cfg.width, depth=cfg.depth, seed=spec.seed).to(device)
-    estimator = build_estimator(m, inner)
-    outer_opt = make_optimizer(
-        m.outer_optimizer, outer.parameters(), m.outer_lr, m.outer_weight_decay
-    )
+    estimator = m.build(BuildContext(inner))
+    outer_opt = m.outer_optimizer_for(outer.parameters())
     gen = torch.Generator().manual_seed(spec.seed)
     to = {k: v.to(device) for k, v in iv.inner_data.items()}
     oo = {k: v.to(device) for k, v in iv.outer_data.items()}
@@ -85,7 +83,7 @@ SPEC = register_experiment(
     ExperimentSpec(
         name="linear_iv",
         problem_config=LinearIVConfig,
-        method_config=MethodConfig,
+        method_config=EstimatorMethod,  # any registered method that builds an estimator
         make_task=make_task,
         metric="beta_error",
         metric_mode="min",

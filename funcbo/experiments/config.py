@@ -33,7 +33,16 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from funcbo.experiments.errors import ExperimentError
-from funcbo.experiments.methods import MethodConfig
+from funcbo.experiments.methods import (
+    SOLVERS,
+    MethodConfig,
+    MethodSpec,
+    method_class,
+    method_kinds,
+    translate_legacy,
+    value_fields,
+    value_name,
+)
 from funcbo.experiments.task import ExperimentSpec, RunSpec, get_experiment
 
 
@@ -135,6 +144,9 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    tagged = _tagged_types(tp)
+    if tagged:
+        return _coerce_tagged(value, tagged, type(None) in get_args(tp), key, src)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -189,6 +201,79 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
     return value
 
 
+def _tagged_types(tp: Any) -> dict[str, type]:
+    """The solver values ``tp`` admits (``CG | Neumann | Identity``: all three), by name."""
+    args = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    by_class = {cls: name for name, cls in SOLVERS.items()}
+    kept = [a for a in args if a is not type(None)]
+    if not kept or not all(isinstance(a, type) and a in by_class for a in kept):
+        return {}
+    return {by_class[a]: a for a in kept}
+
+
+def _coerce_tagged(value: Any, choices: dict[str, type], nullable: bool, key: str, src: str) -> Any:
+    """A solver value from ``{name: {field: value}}`` (or just ``name``, its defaults)."""
+    if value is None and nullable:
+        return None
+    if any(type(value) is cls for cls in choices.values()):
+        return value
+    names = ", ".join(choices)
+    if isinstance(value, str):
+        name, params = value, {}
+    elif isinstance(value, dict) and len(value) == 1:
+        ((name, params),) = value.items()
+        params = {} if params is None else params
+    else:
+        raise ConfigError(
+            f"{src}: {key}: expected one of {names} as a name or a one-key mapping such as "
+            f"{{{next(iter(choices))}: {{...}}}}, got {_describe(value)}"
+        )
+    if name not in choices:
+        close = difflib.get_close_matches(str(name), list(choices), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{src}: {key}: unknown {name!r}{hint}; known: {names}")
+    cls = choices[name]
+    own = value_fields(cls)
+    if not isinstance(params, dict):
+        raise ConfigError(f"{src}: {key}.{name}: expected a mapping, got {_describe(params)}")
+    for k in params:
+        if k not in own:
+            close = difflib.get_close_matches(str(k), own, n=1)
+            hint = f" (did you mean '{key}.{name}.{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"{src}: unknown key '{key}.{name}.{k}'{hint}; known keys: {', '.join(own)}"
+            )
+    return build_dataclass(cls, params, f"{key}.{name}", src)
+
+
+def build_method(data: Any, key: str, src: str, base: type[MethodSpec] = MethodSpec) -> Any:
+    """The registered method spec a config entry ``{kind: ..., field: ...}`` selects, its
+    fields validated (former flat fields translated by
+    :func:`~funcbo.experiments.methods.translate_legacy`)."""
+    if isinstance(data, MethodSpec):
+        data = to_plain(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: {key}: expected a mapping, got {_describe(data)}")
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if isinstance(kind, str) and ":" in kind:
+        try:
+            method_class(kind)  # imports the module that registers it
+        except (ImportError, KeyError) as e:
+            raise ConfigError(f"{src}: {key}.kind: {kind!r}: {e}") from e
+    known = method_kinds(base)
+    if kind is None:
+        raise ConfigError(f"{src}: missing required key '{key}.kind' (known: {', '.join(known)})")
+    if kind not in known:
+        close = difflib.get_close_matches(str(kind), list(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"{src}: {key}.kind: unknown kind {kind!r}{hint}; known: {', '.join(known)}"
+        )
+    cls = method_class(kind)
+    return build_dataclass(cls, translate_legacy(kind, data), key, src)
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -222,6 +307,12 @@ def build_dataclass(cls: type, data: Any, key: str, src: str) -> Any:
 
 def to_plain(obj: Any) -> Any:
     """Dataclasses/tuples → plain dicts/lists (for YAML and JSON)."""
+    name = value_name(obj)
+    if name is not None:
+        return {name: {k: to_plain(getattr(obj, k)) for k in value_fields(obj)}}
+    if isinstance(obj, MethodSpec):
+        fields = {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"kind": obj.kind, **fields}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -391,10 +482,16 @@ def load_config_dict(raw: dict[str, Any], src: str = "<dict>") -> ExperimentConf
         raise ConfigError(f"{src}: missing required key 'methods' (at least one method)")
     if not isinstance(methods_raw, dict):
         raise ConfigError(f"{src}: methods: expected a mapping of name to settings")
-    methods = {
-        str(name): build_dataclass(spec.method_config, m or {}, f"methods.{name}", src)
-        for name, m in methods_raw.items()
-    }
+    if issubclass(spec.method_config, MethodSpec):
+        methods = {
+            str(name): build_method(m or {}, f"methods.{name}", src, spec.method_config)
+            for name, m in methods_raw.items()
+        }
+    else:
+        methods = {
+            str(name): build_dataclass(spec.method_config, m or {}, f"methods.{name}", src)
+            for name, m in methods_raw.items()
+        }
     raw["problem"] = {}
     raw["methods"] = {}
     cfg = build_dataclass(ExperimentConfig, raw, "", src)
@@ -546,6 +643,7 @@ __all__ = [
     "Resources",
     "apply_overrides",
     "build_dataclass",
+    "build_method",
     "dump_yaml",
     "grid_points",
     "load_config",

@@ -1,23 +1,46 @@
-"""Method configurations and the estimators they build.
+"""Methods as typed specs, registered by name.
 
-A method is a value of :class:`MethodConfig` (one entry of an experiment's ``methods:`` mapping):
-its ``kind`` names the algorithm and the remaining fields its hyperparameters. Applications may
-subclass :class:`MethodConfig` to add fields, and may define kinds of their own (DFIV, MLE, ...);
-:func:`build_estimator` covers the library's estimators.
+A method is a small dataclass holding only its own hyperparameters, with a ``build(context)``
+that returns what a run trains with (an estimator, an updater). :func:`register_method` makes a
+spec selectable from a config by its ``kind``::
+
+    @register_method("funcid_linear")
+    @dataclass
+    class FuncIDLinear(EstimatorMethod):
+        ridge: float = 1e-6
+        ridge_relative: bool = True
+
+        def build(self, context: BuildContext) -> HypergradientEstimator:
+            ...
+
+and a config's method entry ``{kind: funcid_linear, ridge: 0.2}`` becomes
+``FuncIDLinear(ridge=0.2)`` (its fields validated with did-you-mean errors, see
+:mod:`funcbo.experiments.config`). Nested values are objects: AID's
+``solver: {cg: {maxiter: 2}}`` is the library's :class:`funcbo.linalg.CG` (``solver: cg``
+alone: its defaults).
+
+This module registers the library's estimators: ``funcid`` (network adjoint), ``funcid_linear``
+(closed-form adjoint), ``aid``, ``itd``, ``gradient_penalty`` and ``value_penalty``.
+Applications register their own methods the same way.
+
+Configs written before the specs existed held every method's settings in one flat record
+(``solver: cg``, ``solver_iters: 2``, ``cg_safeguards: false``, AID's fields on FuncID, ...);
+:func:`translate_legacy` turns such an entry into the spec's fields, in this one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from funcbo.adjoints import LinearAdjoint, NetworkAdjoint
 from funcbo.estimator import HypergradientEstimator
-from funcbo.experiments.task import LIBRARY_KINDS
 from funcbo.functional import FuncID
 from funcbo.inner import InnerSolver
 from funcbo.linalg import CG, Identity, Neumann
@@ -25,26 +48,399 @@ from funcbo.parametric import AID, ITD
 from funcbo.penalty import GradientPenalty, ValuePenalty
 
 
+# ------------------------------------------------------------------------------ registry
 @dataclass
-class MethodConfig:
-    """Hyperparameters of one method.
+class MethodSpec:
+    """Base of every method spec: a dataclass of the method's own fields and a ``build``.
 
     Attributes:
-        kind: algorithm: ``funcid`` (network adjoint), ``funcid_linear`` (closed-form adjoint),
-            ``aid``, ``itd``, ``gradient_penalty``, ``value_penalty``, or an application's own.
-        inner_optimizer, inner_lr, inner_steps, inner_weight_decay: the inner θ-steps.
-        outer_optimizer, outer_lr, outer_weight_decay: the outer step on ω.
+        kind: the name the spec is registered under (a class attribute, set by
+            :func:`register_method`; written as ``kind:`` in configs).
+    """
+
+    kind: ClassVar[str] = ""
+
+    def build(self, context: Any) -> Any:
+        """What a run trains with (an estimator, an updater), from the app's ``context``."""
+        raise NotImplementedError(f"method {self.kind!r} defines no build")
+
+
+_METHODS: dict[str, type[MethodSpec]] = {}
+
+
+def register_method(kind: str) -> Any:
+    """Class decorator: register a :class:`MethodSpec` dataclass under ``kind``."""
+
+    def deco(cls: type[MethodSpec]) -> type[MethodSpec]:
+        if not (isinstance(cls, type) and issubclass(cls, MethodSpec)):
+            raise TypeError(f"register_method({kind!r}): {cls!r} is not a MethodSpec subclass")
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"register_method({kind!r}): {cls.__name__} is not a dataclass")
+        old = _METHODS.get(kind)
+        if old is not None and old.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method kind {kind!r} is already registered ({old.__qualname__})")
+        cls.kind = kind
+        _METHODS[kind] = cls
+        return cls
+
+    return deco
+
+
+def method_class(kind: str) -> type[MethodSpec]:
+    """The spec class registered under ``kind`` (KeyError listing the known kinds).
+
+    ``"package.module:name"`` imports ``package.module`` (which registers ``name``): a config
+    can name a user's own method module, as it names a user's experiment. The spec's ``kind``
+    then becomes the qualified name, so that run configs written from it load in a fresh
+    process."""
+    if kind not in _METHODS and ":" in kind:
+        module, _, short = kind.partition(":")
+        importlib.import_module(module)
+        if short in _METHODS:
+            _METHODS[kind] = _METHODS[short]
+            _METHODS[kind].kind = kind
+    if kind not in _METHODS:
+        raise KeyError(f"unknown method kind {kind!r}; known: {', '.join(sorted(_METHODS))}")
+    return _METHODS[kind]
+
+
+def method_kinds(base: type[MethodSpec] = MethodSpec) -> tuple[str, ...]:
+    """Registered kinds whose spec is a subclass of ``base``."""
+    return tuple(k for k, cls in _METHODS.items() if issubclass(cls, base))
+
+
+def make_method(kind: str, **fields: Any) -> MethodSpec:
+    """The spec of ``kind`` with ``fields`` (old flat fields translated)."""
+    from funcbo.experiments.config import build_method  # the config layer validates
+
+    return build_method({"kind": kind, **fields}, key=kind, src="make_method")
+
+
+# --------------------------------------------------------------------- solvers as values
+#: the linear solvers a config may name (``solver: {cg: {maxiter: 2}}`` or ``solver: cg``)
+SOLVERS: dict[str, type] = {"cg": CG, "neumann": Neumann, "identity": Identity}
+
+
+def value_fields(obj_or_cls: Any) -> list[str]:
+    """The configurable fields of a solver value (those that take part in comparisons)."""
+    return [f.name for f in dataclasses.fields(obj_or_cls) if f.init and f.compare]
+
+
+def value_name(obj: Any) -> str | None:
+    """The config name of a solver value (``"cg"`` for a :class:`CG`), None otherwise."""
+    for name, cls in SOLVERS.items():
+        if type(obj) is cls:
+            return name
+    return None
+
+
+# ----------------------------------------------------------------------- shared fields
+def make_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """``adam``, ``adamw`` or ``sgd`` (momentum 0.9 for ``sgd_momentum``) over ``params``."""
+    name = name.lower()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use adam, adamw, sgd or sgd_momentum")
+
+
+@dataclass
+class OuterStep(MethodSpec):
+    """The outer step on ω: optimizer name, learning rate, weight decay."""
+
+    outer_optimizer: str = "adam"
+    outer_lr: float = 1e-3
+    outer_weight_decay: float = 0.0
+
+    def outer_optimizer_for(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return make_optimizer(self.outer_optimizer, params, self.outer_lr, self.outer_weight_decay)
+
+
+@dataclass
+class InnerSteps(MethodSpec):
+    """The inner θ-steps: ``inner_steps`` steps of an optimizer (name, lr, weight decay)."""
+
+    inner_optimizer: str = "adam"
+    inner_lr: float = 1e-3
+    inner_steps: int = 10
+    inner_weight_decay: float = 0.0
+
+    def inner_optimizer_for(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return make_optimizer(self.inner_optimizer, params, self.inner_lr, self.inner_weight_decay)
+
+
+@dataclass
+class BuildContext:
+    """What a library method is built over.
+
+    Attributes:
+        inner_model: the network h_θ.
+        adjoint_model: the adjoint network of ``funcid`` (None: a fresh copy of the inner
+            model's architecture).
+        linear_head: the module whose input the linear adjoint uses as features (None: the
+            inner model's last ``nn.Linear``).
+        inner_solver: an inner solver replacing the default optimizer steps (FuncID and AID).
+    """
+
+    inner_model: nn.Module
+    adjoint_model: nn.Module | None = None
+    linear_head: nn.Module | str | None = None
+    inner_solver: InnerSolver | None = None
+
+
+@dataclass
+class EstimatorMethod(OuterStep, InnerSteps):
+    """A method whose ``build`` returns a library hypergradient estimator."""
+
+    #: whether ``BuildContext.inner_solver`` may replace the optimizer steps
+    takes_inner_solver: ClassVar[bool] = False
+
+    def build(self, context: BuildContext) -> HypergradientEstimator:
+        if context.inner_solver is not None and not self.takes_inner_solver:
+            raise ValueError(f"method kind {self.kind!r} does not take a replacement inner solver")
+        return self._build(context)
+
+    def _build(self, context: BuildContext) -> HypergradientEstimator:
+        raise NotImplementedError
+
+    def _inner_opt(self, context: BuildContext) -> torch.optim.Optimizer | None:
+        if context.inner_solver is not None:
+            return None
+        return self.inner_optimizer_for(context.inner_model.parameters())
+
+
+# ----------------------------------------------------------------------- library methods
+@register_method("funcid")
+@dataclass
+class FuncIDNetwork(EstimatorMethod):
+    """FuncID with a network adjoint (:class:`funcbo.NetworkAdjoint`).
+
+    Attributes:
         adjoint_optimizer, adjoint_lr, adjoint_weight_decay, adjoint_steps, adjoint_init,
-            adjoint_holdout: the network adjoint (FuncID; see :class:`funcbo.NetworkAdjoint`).
-        ridge, ridge_relative: ridge of the closed-form linear adjoint, relative to the feature
-            scale (default) or absolute (``ridge_relative: false``).
-        solver, solver_iters, neumann_lr: AID's linear solver (``cg``, ``neumann``, ``identity``).
-        damping: CG solves (H + damping·I) v = b: keeps AID stable when the parameter-space
-            Hessian of an over-parameterised inner network is singular or indefinite.
-        cg_safeguards: CG's safeguards (reset a bad warm start, fall back to the best iterate;
-            see :class:`funcbo.linalg.CG`); False: textbook CG returning its last iterate.
-        unroll, truncate: ITD's unrolled steps (its learning rate is ``inner_lr``).
-        penalty: γ of the penalty methods.
+            adjoint_holdout: the adjoint network's optimizer steps (see
+            :class:`funcbo.NetworkAdjoint`).
+    """
+
+    takes_inner_solver: ClassVar[bool] = True
+    adjoint_optimizer: str = "adam"
+    adjoint_lr: float = 1e-3
+    adjoint_weight_decay: float = 0.0
+    adjoint_steps: int = 10
+    adjoint_init: str = "fresh"
+    adjoint_holdout: float = 0.0
+
+    def _build(self, context: BuildContext) -> HypergradientEstimator:
+        adjoint = NetworkAdjoint(
+            context.adjoint_model,
+            lambda ps: make_optimizer(
+                self.adjoint_optimizer, ps, self.adjoint_lr, self.adjoint_weight_decay
+            ),
+            self.adjoint_steps,
+            init=self.adjoint_init,
+            holdout=self.adjoint_holdout,
+        )
+        return FuncID(
+            context.inner_model,
+            self._inner_opt(context),
+            self.inner_steps,
+            adjoint,
+            inner_solver=context.inner_solver,
+        )
+
+
+@register_method("funcid_linear")
+@dataclass
+class FuncIDLinear(EstimatorMethod):
+    """FuncID with the closed-form linear adjoint (:class:`funcbo.LinearAdjoint`).
+
+    Attributes:
+        ridge, ridge_relative: the adjoint's ridge, relative to the feature scale (default) or
+            absolute (``ridge_relative: false``).
+    """
+
+    takes_inner_solver: ClassVar[bool] = True
+    ridge: float = 1e-6
+    ridge_relative: bool = True
+
+    def _build(self, context: BuildContext) -> HypergradientEstimator:
+        adjoint = LinearAdjoint(self.ridge, head=context.linear_head, relative=self.ridge_relative)
+        return FuncID(
+            context.inner_model,
+            self._inner_opt(context),
+            self.inner_steps,
+            adjoint,
+            inner_solver=context.inner_solver,
+        )
+
+
+def _default_cg() -> CG:
+    return CG(maxiter=10)
+
+
+@register_method("aid")
+@dataclass
+class AIDMethod(EstimatorMethod):
+    """AID (:class:`funcbo.AID`) with a linear solver value.
+
+    Attributes:
+        solver: :class:`funcbo.linalg.CG` (``damping`` solves (H + damping·I) v = b, which keeps
+            AID stable when the parameter-space Hessian of an over-parameterised inner network is
+            singular or indefinite; ``safeguards: false`` is textbook CG returning its last
+            iterate), :class:`~funcbo.linalg.Neumann` or :class:`~funcbo.linalg.Identity`;
+            written ``solver: {cg: {maxiter: 2}}`` in a config.
+    """
+
+    takes_inner_solver: ClassVar[bool] = True
+    solver: CG | Neumann | Identity = field(default_factory=_default_cg)
+
+    def _build(self, context: BuildContext) -> HypergradientEstimator:
+        # A fresh solver per build: a solver value records its last solve.
+        kwargs = {name: getattr(self.solver, name) for name in value_fields(self.solver)}
+        solver = type(self.solver)(**kwargs)
+        return AID(
+            context.inner_model,
+            self._inner_opt(context),
+            self.inner_steps,
+            solver=solver,
+            inner_solver=context.inner_solver,
+        )
+
+
+@register_method("itd")
+@dataclass
+class ITDMethod(EstimatorMethod):
+    """ITD (:class:`funcbo.ITD`): ``unroll`` gradient steps of learning rate ``inner_lr``, the
+    last ``truncate`` of them differentiated (None: all)."""
+
+    unroll: int = 10
+    truncate: int | None = None
+
+    def _build(self, context: BuildContext) -> HypergradientEstimator:
+        return ITD(
+            context.inner_model, lr=self.inner_lr, unroll=self.unroll, truncate=self.truncate
+        )
+
+
+@register_method("gradient_penalty")
+@dataclass
+class GradientPenaltyMethod(EstimatorMethod):
+    """The gradient-norm penalty (:class:`funcbo.GradientPenalty`) with weight ``penalty``."""
+
+    penalty: float = 10.0
+
+    def _build(self, context: BuildContext) -> HypergradientEstimator:
+        return GradientPenalty(
+            context.inner_model, self._inner_opt(context), self.inner_steps, penalty=self.penalty
+        )
+
+
+@register_method("value_penalty")
+@dataclass
+class ValuePenaltyMethod(EstimatorMethod):
+    """The value-function penalty (:class:`funcbo.ValuePenalty`) with weight ``penalty``."""
+
+    penalty: float = 10.0
+
+    def _build(self, context: BuildContext) -> HypergradientEstimator:
+        return ValuePenalty(
+            context.inner_model, self._inner_opt(context), self.inner_steps, penalty=self.penalty
+        )
+
+
+# ------------------------------------------------------------------ legacy flat configs
+#: the fields of the former flat method record (every method's settings in one place)
+LEGACY_FIELDS = (
+    "inner_optimizer",
+    "inner_lr",
+    "inner_steps",
+    "inner_weight_decay",
+    "outer_optimizer",
+    "outer_lr",
+    "outer_weight_decay",
+    "adjoint_optimizer",
+    "adjoint_lr",
+    "adjoint_weight_decay",
+    "adjoint_steps",
+    "adjoint_init",
+    "adjoint_holdout",
+    "ridge",
+    "ridge_relative",
+    "solver",
+    "solver_iters",
+    "neumann_lr",
+    "damping",
+    "cg_safeguards",
+    "unroll",
+    "truncate",
+    "penalty",
+    "options",
+)
+
+#: former flat solver keys → the solver value's field, per solver
+_LEGACY_SOLVER_KEYS = {
+    "cg": {"solver_iters": "maxiter", "damping": "damping", "cg_safeguards": "safeguards"},
+    "neumann": {"solver_iters": "iters", "neumann_lr": "lr"},
+    "identity": {},
+}
+
+
+def translate_legacy(kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A method entry's fields (without ``kind``) in the spec of ``kind``: the one place where
+    the former flat record is translated.
+
+    * ``solver: cg`` (a name) with ``solver_iters``, ``neumann_lr``, ``damping`` and
+      ``cg_safeguards`` becomes ``solver: {cg: {maxiter, damping, safeguards}}`` (or
+      ``{neumann: {iters, lr}}``, ``{identity: {}}``); the flat keys also update a solver given
+      as a mapping (a ``--set methods.aid.solver_iters=5`` on a new config).
+    * Flat fields the spec does not have are dropped: they never affected that method.
+    Keys that were never flat fields are kept, so that the spec's validation names them.
+    """
+    cls = _METHODS.get(kind)
+    if cls is None:
+        return data
+    own = {f.name for f in dataclasses.fields(cls) if f.init}
+    out = dict(data)
+    solver_keys = [
+        k for k in ("solver_iters", "neumann_lr", "damping", "cg_safeguards") if k in out
+    ]
+    if "solver" in own and (isinstance(out.get("solver"), str) or solver_keys):
+        solver = out.get("solver", "cg")
+        if isinstance(solver, str):
+            name, params = solver, {}
+        elif isinstance(solver, dict) and len(solver) == 1:
+            ((name, params),) = solver.items()
+            params = dict(params or {})
+        else:
+            name, params = None, {}
+        if name in _LEGACY_SOLVER_KEYS:
+            for flat, to in _LEGACY_SOLVER_KEYS[name].items():
+                if flat in out:
+                    params[to] = out[flat]
+            out["solver"] = {name: params}
+    for k in list(out):
+        if k not in own and k in LEGACY_FIELDS:
+            del out[k]
+    return out
+
+
+@dataclass
+class MethodConfig:
+    """The former flat record of a method's settings (every kind's fields in one place), still
+    the base of the IV and RL apps' method records; :func:`library_method` turns it into the
+    library spec of its ``kind``. Field meanings: see the specs (:class:`FuncIDNetwork`,
+    :class:`FuncIDLinear`, :class:`AIDMethod`, :class:`ITDMethod`, the penalties).
+
+    Attributes:
+        kind: the method kind.
+        solver, solver_iters, neumann_lr, damping, cg_safeguards: AID's solver, flat
+            (``solver: {cg: {...}}`` in a spec).
         options: free-form extras for an application's own kinds.
     """
 
@@ -75,89 +471,37 @@ class MethodConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def make_optimizer(
-    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
-    """``adam``, ``adamw`` or ``sgd`` (momentum 0.9 for ``sgd_momentum``) over ``params``."""
-    name = name.lower()
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd_momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; use adam, adamw, sgd or sgd_momentum")
+def library_method(cfg: MethodConfig) -> EstimatorMethod:
+    """The library spec a flat :class:`MethodConfig` describes (its ``kind`` a library one)."""
+    cls = _METHODS.get(cfg.kind)
+    if cls is None or not issubclass(cls, EstimatorMethod):
+        kinds = ", ".join(method_kinds(EstimatorMethod))
+        raise ValueError(f"method kind {cfg.kind!r} is not a library estimator ({kinds})")
+    flat = {name: getattr(cfg, name) for name in LEGACY_FIELDS}
+    spec = make_method(cfg.kind, **flat)
+    assert isinstance(spec, EstimatorMethod)
+    return spec
 
 
-def build_estimator(
-    cfg: MethodConfig,
-    inner_model: nn.Module,
-    *,
-    adjoint_model: nn.Module | None = None,
-    linear_head: nn.Module | str | None = None,
-    inner_solver: InnerSolver | None = None,
-) -> HypergradientEstimator:
-    """The library estimator a method config describes, over ``inner_model``.
-
-    Args:
-        cfg: the method.
-        inner_model: the network h_θ.
-        adjoint_model: the adjoint network for ``funcid`` (default: a fresh copy of the inner
-            model's architecture).
-        linear_head: the module whose input the linear adjoint uses as features (default: the
-            inner model's last ``nn.Linear``).
-        inner_solver: an inner solver replacing the default optimizer steps (FuncID and AID).
-    """
-    kind = cfg.kind
-    if kind not in LIBRARY_KINDS:
-        raise ValueError(
-            f"method kind {kind!r} is not a library estimator ({', '.join(LIBRARY_KINDS)})"
-        )
-    if inner_solver is not None and kind not in ("funcid", "funcid_linear", "aid"):
-        raise ValueError(f"method kind {kind!r} does not take a replacement inner solver")
-    if kind == "itd":
-        return ITD(inner_model, lr=cfg.inner_lr, unroll=cfg.unroll, truncate=cfg.truncate)
-    inner_opt = (
-        None
-        if inner_solver is not None
-        else make_optimizer(
-            cfg.inner_optimizer, inner_model.parameters(), cfg.inner_lr, cfg.inner_weight_decay
-        )
-    )
-    if kind == "funcid":
-        adjoint = NetworkAdjoint(
-            adjoint_model,
-            lambda ps: make_optimizer(
-                cfg.adjoint_optimizer, ps, cfg.adjoint_lr, cfg.adjoint_weight_decay
-            ),
-            cfg.adjoint_steps,
-            init=cfg.adjoint_init,
-            holdout=cfg.adjoint_holdout,
-        )
-        return FuncID(inner_model, inner_opt, cfg.inner_steps, adjoint, inner_solver=inner_solver)
-    if kind == "funcid_linear":
-        adjoint_lin = LinearAdjoint(cfg.ridge, head=linear_head, relative=cfg.ridge_relative)
-        return FuncID(
-            inner_model, inner_opt, cfg.inner_steps, adjoint_lin, inner_solver=inner_solver
-        )
-    if kind == "aid":
-        solver: CG | Neumann | Identity
-        if cfg.solver == "cg":
-            solver = CG(maxiter=cfg.solver_iters, damping=cfg.damping, safeguards=cfg.cg_safeguards)
-        elif cfg.solver == "neumann":
-            solver = Neumann(iters=cfg.solver_iters, lr=cfg.neumann_lr)
-        elif cfg.solver == "identity":
-            solver = Identity()
-        else:
-            raise ValueError(f"unknown AID solver {cfg.solver!r}; use cg, neumann or identity")
-        return AID(
-            inner_model, inner_opt, cfg.inner_steps, solver=solver, inner_solver=inner_solver
-        )
-    if kind == "gradient_penalty":
-        return GradientPenalty(inner_model, inner_opt, cfg.inner_steps, penalty=cfg.penalty)
-    return ValuePenalty(inner_model, inner_opt, cfg.inner_steps, penalty=cfg.penalty)
-
-
-__all__ = ["LIBRARY_KINDS", "MethodConfig", "build_estimator", "make_optimizer"]
+__all__ = [
+    "SOLVERS",
+    "AIDMethod",
+    "BuildContext",
+    "EstimatorMethod",
+    "FuncIDLinear",
+    "FuncIDNetwork",
+    "GradientPenaltyMethod",
+    "ITDMethod",
+    "InnerSteps",
+    "MethodConfig",
+    "MethodSpec",
+    "OuterStep",
+    "ValuePenaltyMethod",
+    "library_method",
+    "make_method",
+    "make_optimizer",
+    "method_class",
+    "method_kinds",
+    "register_method",
+    "translate_legacy",
+]

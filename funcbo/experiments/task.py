@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch and the estimators load when a run is built, not when the CLI starts
     import torch
 
-    from funcbo.experiments.methods import MethodConfig
-
-#: kinds of method that :func:`funcbo.experiments.methods.build_estimator` builds from the library
+#: the library's method kinds (registered in :mod:`funcbo.experiments.methods`)
 LIBRARY_KINDS = (
     "funcid",
     "funcid_linear",
@@ -97,7 +95,8 @@ class RunSpec:
     Attributes:
         experiment: registered experiment name (e.g. ``"iv_dsprites"``).
         method: the method's name in the config's ``methods:`` mapping.
-        method_config: its (typed) hyperparameters.
+        method_config: its (typed) hyperparameters: a registered method spec
+            (:class:`~funcbo.experiments.methods.MethodSpec`), or an app's flat record.
         problem: the experiment's (typed) problem/data config.
         seed: random seed of the run.
         iterations: outer iterations.
@@ -108,7 +107,7 @@ class RunSpec:
 
     experiment: str
     method: str
-    method_config: MethodConfig
+    method_config: Any
     problem: Any
     seed: int
     iterations: int
@@ -130,7 +129,10 @@ class ExperimentSpec:
     Attributes:
         name: the value of ``experiment:`` in a config file.
         problem_config: dataclass of the ``problem:`` section.
-        method_config: dataclass of each ``methods:`` entry (:class:`MethodConfig` or a subclass).
+        method_config: what each ``methods:`` entry is: a
+            :class:`~funcbo.experiments.methods.MethodSpec` base class (an entry selects the
+            registered spec of its ``kind`` among that base's subclasses), or an app's flat
+            dataclass (:class:`~funcbo.experiments.methods.MethodConfig` or a subclass).
         make_task: builds the :class:`Task` of one run.
         metric: the headline evaluation metric (a key of :meth:`Task.evaluate`).
         metric_mode: ``"min"`` or ``"max"``: which direction is better.
@@ -145,7 +147,7 @@ class ExperimentSpec:
 
     name: str
     problem_config: type
-    method_config: type[MethodConfig]
+    method_config: type
     make_task: Callable[[RunSpec], Task]
     metric: str
     metric_mode: str = "min"

@@ -44,7 +44,7 @@ from funcbo.apps.iv.inner import RidgeHeadInnerSolver
 from funcbo.apps.iv.networks import build_iv_networks
 from funcbo.apps.iv.problem import IVFeatureProblem, IVProblem, feature_outer_batch
 from funcbo.estimator import Batches, HypergradientEstimator
-from funcbo.experiments.methods import build_estimator, make_optimizer
+from funcbo.experiments.methods import BuildContext, library_method, make_optimizer
 from funcbo.experiments.task import RunSpec, Task
 from funcbo.inner import frozen
 from funcbo.trainer import Trainer
@@ -250,11 +250,12 @@ class IVTask(Task):
             inner_solver = RidgeHeadInnerSolver(
                 self.inner, feature_opt, mc.inner_steps, self.config.stage1_ridge
             )
+        method = library_method(mc)
         if self.features_formulation:
             # The FuncID authors' baselines: the inner variable is the feature network alone.
-            return build_estimator(mc, self.inner.features)
-        return build_estimator(
-            mc, self.inner, linear_head=self.inner.head, inner_solver=inner_solver
+            return method.build(BuildContext(self.inner.features))
+        return method.build(
+            BuildContext(self.inner, linear_head=self.inner.head, inner_solver=inner_solver)
         )
 
     def _covariate_update(self, batch: dict[str, Tensor]) -> float:
