@@ -258,7 +258,7 @@ def build_method(data: Any, key: str, src: str, base: type[MethodSpec] = MethodS
     kind = data.pop("kind", None)
     if isinstance(kind, str) and ":" in kind:
         try:
-            method_class(kind)  # imports the module that registers it
+            method_class(kind, base.scope)  # imports the module that registers it
         except (ImportError, KeyError) as e:
             raise ConfigError(f"{src}: {key}.kind: {kind!r}: {e}") from e
     known = method_kinds(base)
@@ -270,8 +270,8 @@ def build_method(data: Any, key: str, src: str, base: type[MethodSpec] = MethodS
         raise ConfigError(
             f"{src}: {key}.kind: unknown kind {kind!r}{hint}; known: {', '.join(known)}"
         )
-    cls = method_class(kind)
-    return build_dataclass(cls, translate_legacy(kind, data), key, src)
+    cls = method_class(kind, base.scope)
+    return build_dataclass(cls, translate_legacy(kind, data, base.scope), key, src)
 
 
 def _hints(cls: type) -> dict[str, Any]:

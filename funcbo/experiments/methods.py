@@ -21,7 +21,10 @@ alone: its defaults).
 
 This module registers the library's estimators: ``funcid`` (network adjoint), ``funcid_linear``
 (closed-form adjoint), ``aid``, ``itd``, ``gradient_penalty`` and ``value_penalty``.
-Applications register their own methods the same way.
+Applications register their own methods the same way, in their own scope (``MethodSpec.scope``):
+the IV app's ``funcid_linear`` is the library's spec plus the IV fields, next to its ``dfiv``.
+An experiment names the base class of its methods, and a config entry's ``kind`` is looked up in
+that base's scope.
 
 Configs written before the specs existed held every method's settings in one flat record
 (``solver: cg``, ``solver_iters: 2``, ``cg_safeguards: false``, AID's fields on FuncID, ...);
@@ -56,64 +59,82 @@ class MethodSpec:
     Attributes:
         kind: the name the spec is registered under (a class attribute, set by
             :func:`register_method`; written as ``kind:`` in configs).
+        scope: the namespace of kinds the spec belongs to (``"library"``; an application's
+            own, such as ``"iv"``, lets it register its variant of a library kind under the same
+            name); an experiment looks its methods' kinds up in the scope of its method base.
+        legacy_fields: names of the former flat record that :func:`translate_legacy` drops
+            when the spec has no such field.
+        legacy_defaults: former flat fields dropped only at these values (their former
+            defaults): another value was an error for a kind without the field, and stays one.
     """
 
     kind: ClassVar[str] = ""
+    scope: ClassVar[str] = "library"
+    legacy_fields: ClassVar[tuple[str, ...]] = ()
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
     def build(self, context: Any) -> Any:
         """What a run trains with (an estimator, an updater), from the app's ``context``."""
         raise NotImplementedError(f"method {self.kind!r} defines no build")
 
 
-_METHODS: dict[str, type[MethodSpec]] = {}
+_METHODS: dict[tuple[str, str], type[MethodSpec]] = {}
 
 
 def register_method(kind: str) -> Any:
-    """Class decorator: register a :class:`MethodSpec` dataclass under ``kind``."""
+    """Class decorator: register a :class:`MethodSpec` dataclass under ``kind`` (in its
+    class's ``scope``)."""
 
     def deco(cls: type[MethodSpec]) -> type[MethodSpec]:
         if not (isinstance(cls, type) and issubclass(cls, MethodSpec)):
             raise TypeError(f"register_method({kind!r}): {cls!r} is not a MethodSpec subclass")
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"register_method({kind!r}): {cls.__name__} is not a dataclass")
-        old = _METHODS.get(kind)
+        old = _METHODS.get((cls.scope, kind))
         if old is not None and old.__qualname__ != cls.__qualname__:
-            raise ValueError(f"method kind {kind!r} is already registered ({old.__qualname__})")
+            raise ValueError(
+                f"method kind {kind!r} is already registered in scope {cls.scope!r} "
+                f"({old.__qualname__})"
+            )
         cls.kind = kind
-        _METHODS[kind] = cls
+        _METHODS[(cls.scope, kind)] = cls
         return cls
 
     return deco
 
 
-def method_class(kind: str) -> type[MethodSpec]:
+def method_class(kind: str, scope: str = "library") -> type[MethodSpec]:
     """The spec class registered under ``kind`` (KeyError listing the known kinds).
 
     ``"package.module:name"`` imports ``package.module`` (which registers ``name``): a config
     can name a user's own method module, as it names a user's experiment. The spec's ``kind``
     then becomes the qualified name, so that run configs written from it load in a fresh
     process."""
-    if kind not in _METHODS and ":" in kind:
+    if (scope, kind) not in _METHODS and ":" in kind:
         module, _, short = kind.partition(":")
         importlib.import_module(module)
-        if short in _METHODS:
-            _METHODS[kind] = _METHODS[short]
-            _METHODS[kind].kind = kind
-    if kind not in _METHODS:
-        raise KeyError(f"unknown method kind {kind!r}; known: {', '.join(sorted(_METHODS))}")
-    return _METHODS[kind]
+        if (scope, short) in _METHODS:
+            _METHODS[(scope, kind)] = _METHODS[(scope, short)]
+            _METHODS[(scope, kind)].kind = kind
+    if (scope, kind) not in _METHODS:
+        known = ", ".join(sorted(k for sc, k in _METHODS if sc == scope))
+        raise KeyError(f"unknown method kind {kind!r}; known: {known}")
+    return _METHODS[(scope, kind)]
 
 
 def method_kinds(base: type[MethodSpec] = MethodSpec) -> tuple[str, ...]:
-    """Registered kinds whose spec is a subclass of ``base``."""
-    return tuple(k for k, cls in _METHODS.items() if issubclass(cls, base))
+    """Registered kinds (in ``base``'s scope) whose spec is a subclass of ``base``."""
+    return tuple(
+        k for (sc, k), cls in _METHODS.items() if sc == base.scope and issubclass(cls, base)
+    )
 
 
-def make_method(kind: str, **fields: Any) -> MethodSpec:
-    """The spec of ``kind`` with ``fields`` (old flat fields translated)."""
+def make_method(kind: str, base: type[MethodSpec] = MethodSpec, **fields: Any) -> Any:
+    """The spec of ``kind`` (among ``base``'s) with ``fields``, validated as a config entry
+    (former flat fields translated)."""
     from funcbo.experiments.config import build_method  # the config layer validates
 
-    return build_method({"kind": kind, **fields}, key=kind, src="make_method")
+    return build_method({"kind": kind, **fields}, key=kind, src="make_method", base=base)
 
 
 # --------------------------------------------------------------------- solvers as values
@@ -176,6 +197,35 @@ class InnerSteps(MethodSpec):
         return make_optimizer(self.inner_optimizer, params, self.inner_lr, self.inner_weight_decay)
 
 
+#: the fields of the former flat method record (every method's settings in one place)
+LEGACY_FIELDS = (
+    "inner_optimizer",
+    "inner_lr",
+    "inner_steps",
+    "inner_weight_decay",
+    "outer_optimizer",
+    "outer_lr",
+    "outer_weight_decay",
+    "adjoint_optimizer",
+    "adjoint_lr",
+    "adjoint_weight_decay",
+    "adjoint_steps",
+    "adjoint_init",
+    "adjoint_holdout",
+    "ridge",
+    "ridge_relative",
+    "solver",
+    "solver_iters",
+    "neumann_lr",
+    "damping",
+    "cg_safeguards",
+    "unroll",
+    "truncate",
+    "penalty",
+    "options",
+)
+
+
 @dataclass
 class BuildContext:
     """What a library method is built over.
@@ -201,6 +251,7 @@ class EstimatorMethod(OuterStep, InnerSteps):
 
     #: whether ``BuildContext.inner_solver`` may replace the optimizer steps
     takes_inner_solver: ClassVar[bool] = False
+    legacy_fields: ClassVar[tuple[str, ...]] = LEGACY_FIELDS
 
     def build(self, context: BuildContext) -> HypergradientEstimator:
         if context.inner_solver is not None and not self.takes_inner_solver:
@@ -355,34 +406,6 @@ class ValuePenaltyMethod(EstimatorMethod):
 
 
 # ------------------------------------------------------------------ legacy flat configs
-#: the fields of the former flat method record (every method's settings in one place)
-LEGACY_FIELDS = (
-    "inner_optimizer",
-    "inner_lr",
-    "inner_steps",
-    "inner_weight_decay",
-    "outer_optimizer",
-    "outer_lr",
-    "outer_weight_decay",
-    "adjoint_optimizer",
-    "adjoint_lr",
-    "adjoint_weight_decay",
-    "adjoint_steps",
-    "adjoint_init",
-    "adjoint_holdout",
-    "ridge",
-    "ridge_relative",
-    "solver",
-    "solver_iters",
-    "neumann_lr",
-    "damping",
-    "cg_safeguards",
-    "unroll",
-    "truncate",
-    "penalty",
-    "options",
-)
-
 #: former flat solver keys → the solver value's field, per solver
 _LEGACY_SOLVER_KEYS = {
     "cg": {"solver_iters": "maxiter", "damping": "damping", "cg_safeguards": "safeguards"},
@@ -391,18 +414,19 @@ _LEGACY_SOLVER_KEYS = {
 }
 
 
-def translate_legacy(kind: str, data: dict[str, Any]) -> dict[str, Any]:
-    """A method entry's fields (without ``kind``) in the spec of ``kind``: the one place where
-    the former flat record is translated.
+def translate_legacy(kind: str, data: dict[str, Any], scope: str = "library") -> dict[str, Any]:
+    """A method entry's fields (without ``kind``) in the spec of ``kind`` (in ``scope``): the
+    one place where the former flat record is translated.
 
     * ``solver: cg`` (a name) with ``solver_iters``, ``neumann_lr``, ``damping`` and
       ``cg_safeguards`` becomes ``solver: {cg: {maxiter, damping, safeguards}}`` (or
       ``{neumann: {iters, lr}}``, ``{identity: {}}``); the flat keys also update a solver given
       as a mapping (a ``--set methods.aid.solver_iters=5`` on a new config).
-    * Flat fields the spec does not have are dropped: they never affected that method.
+    * Flat fields the spec does not have (its ``legacy_fields``) are dropped: they never
+      affected that method.
     Keys that were never flat fields are kept, so that the spec's validation names them.
     """
-    cls = _METHODS.get(kind)
+    cls = _METHODS.get((scope, kind))
     if cls is None:
         return data
     own = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -425,7 +449,12 @@ def translate_legacy(kind: str, data: dict[str, Any]) -> dict[str, Any]:
                     params[to] = out[flat]
             out["solver"] = {name: params}
     for k in list(out):
-        if k not in own and k in LEGACY_FIELDS:
+        if k in own:
+            continue
+        if k in cls.legacy_defaults:
+            if out[k] == cls.legacy_defaults[k]:
+                del out[k]
+        elif k in cls.legacy_fields:
             del out[k]
     return out
 
@@ -473,7 +502,7 @@ class MethodConfig:
 
 def library_method(cfg: MethodConfig) -> EstimatorMethod:
     """The library spec a flat :class:`MethodConfig` describes (its ``kind`` a library one)."""
-    cls = _METHODS.get(cfg.kind)
+    cls = _METHODS.get(("library", cfg.kind))
     if cls is None or not issubclass(cls, EstimatorMethod):
         kinds = ", ".join(method_kinds(EstimatorMethod))
         raise ValueError(f"method kind {cfg.kind!r} is not a library estimator ({kinds})")

@@ -69,10 +69,36 @@ covariate network, and no rescaling of the outcome.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import torch
+
+from funcbo.apps.iv.dfiv import DFIV
+from funcbo.apps.iv.inner import RidgeHeadInnerSolver
 from funcbo.apps.iv.problem import HEADS
-from funcbo.experiments.methods import MethodConfig
+from funcbo.estimator import HypergradientEstimator
+from funcbo.experiments.methods import (
+    LEGACY_FIELDS,
+    AIDMethod,
+    BuildContext,
+    EstimatorMethod,
+    FuncIDLinear,
+    FuncIDNetwork,
+    GradientPenaltyMethod,
+    InnerSteps,
+    ITDMethod,
+    MethodConfig,
+    MethodSpec,
+    OuterStep,
+    ValuePenaltyMethod,
+    make_method,
+    make_optimizer,
+    method_kinds,
+    register_method,
+)
+from funcbo.linalg import CG
 
 DATASETS = ("dsprites", "demand")
 #: how weight decays are stated: on the reference's sum-scale losses, or on funcbo's means
@@ -82,23 +108,10 @@ WEIGHT_DECAY_SCALES = ("sum", "mean")
 #: variable = the instrument features, stage-1 head in closed form, stage-1 refit in the outer
 #: loss; :class:`~funcbo.apps.iv.problem.IVFeatureProblem`)
 FORMULATIONS = ("functional", "features")
-#: kinds that can take the feature formulation
-FEATURE_KINDS = ("aid", "itd", "gradient_penalty", "value_penalty")
 SOURCES = ("render", "archive")
 #: inner solvers: the library's optimizer steps on all weights, or the paper's ridge-head solver
 INNER_SOLVERS = ("gradient", "ridge_head")
-#: kinds whose inner solver can be the ridge-head one
-RIDGE_HEAD_KINDS = ("funcid", "funcid_linear", "aid")
-#: method kinds of the IV experiments
-IV_KINDS = (
-    "funcid",
-    "funcid_linear",
-    "dfiv",
-    "aid",
-    "itd",
-    "gradient_penalty",
-    "value_penalty",
-)
+
 #: outer iterations of the paper's protocol (full-batch halves)
 PAPER_ITERATIONS = 100
 
@@ -216,73 +229,255 @@ class DemandProblemConfig(IVProblemConfig):
     stage2_ridge: float = 0.1
 
 
+#: the IV fields of the former flat method record (see ``translate_legacy``)
+IV_LEGACY_FIELDS = (
+    *LEGACY_FIELDS,
+    "head",
+    "formulation",
+    "inner_solver",
+    "stage2_steps",
+    "covariate_steps",
+    "covariate_weight_decay",
+)
+
+
 @dataclass
-class IVMethodConfig(MethodConfig):
-    """A method of the IV experiments: :class:`~funcbo.experiments.methods.MethodConfig` plus
+class IVBuildContext:
+    """What an IV method is built over (made by :class:`~funcbo.apps.iv.task.IVTask`).
 
     Attributes:
-        head: outcome head for this method (None: the problem's).
-        inner_solver: ``"gradient"`` (optimizer steps on every inner weight) or ``"ridge_head"``
-            (the paper's: steps on the instrument features through a closed-form ridge head
-            with the problem's ``stage1_ridge``; for ``funcid``, ``funcid_linear``, ``aid``).
-        stage2_steps: DFIV's treatment-network steps per iteration. DFIV reads its stage-1
-            (instrument network) settings from ``inner_*`` and its stage-2 (treatment network)
-            settings from ``outer_*``.
+        inner: the instrument model h = head ∘ φ (:class:`~funcbo.apps.iv.networks.
+            InstrumentModel`).
+        outer: the outcome model ω (treatment network, covariate network, learned head).
+        stage1_ridge, stage2_ridge: λ₁, λ₂ of the problem.
+        optimizer: ``optimizer(name, params, lr, weight_decay, stage)`` with ``stage`` 1 or 2:
+            an optimizer converted to the mean losses by the samples the reference's loss of
+            that stage sums over (``problem.weight_decay_scale``).
+    """
+
+    inner: Any
+    outer: Any
+    stage1_ridge: float
+    stage2_ridge: float
+    optimizer: Callable[[str, Any, float, float, int], torch.optim.Optimizer]
+
+
+@dataclass
+class IVMethodConfig(MethodSpec):
+    """Base of the IV experiments' methods (their kinds live in scope ``"iv"``).
+
+    Attributes:
         covariate_steps, covariate_weight_decay: for designs with covariates, the covariate
             network's steps per iteration with its own optimizer (``outer_optimizer`` with
             learning rate ``outer_lr``) and its weight decay (DFIV's demand setting: 20 and
             0.1); every kind takes these steps (see :mod:`funcbo.apps.iv.task`). With 0 steps
             the library kinds train it as part of ω with the outer optimizer, and DFIV leaves
             it at its initialisation.
-        formulation: ``"functional"`` (the inner model h = head ∘ φ regresses ψ_ω(t); ω is
-            seen through h* only) or ``"features"`` (the FuncID authors' formulation of their
-            AID, ITD and penalty baselines: the inner variable is φ with the stage-1 head in
-            closed form, and the outer loss refits the stage-1 head on ψ_ω(t₁); see
-            :class:`~funcbo.apps.iv.problem.IVFeatureProblem`); for ``aid``, ``itd``,
-            ``gradient_penalty`` and ``value_penalty``.
     """
 
-    head: str | None = None
-    formulation: str = "functional"
-    inner_solver: str = "gradient"
-    stage2_steps: int = 1
+    scope: ClassVar[str] = "iv"
+    legacy_fields: ClassVar[tuple[str, ...]] = IV_LEGACY_FIELDS
+    # A kind without these fields rejected other values (e.g. ridge_head for itd).
+    legacy_defaults: ClassVar[dict[str, Any]] = {
+        "formulation": "functional",
+        "inner_solver": "gradient",
+    }
     covariate_steps: int = 20
     covariate_weight_decay: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.kind not in IV_KINDS:
-            raise ValueError(f"unknown IV method kind {self.kind!r}; use one of {IV_KINDS}")
-        if self.head is not None and self.head not in HEADS:
-            raise ValueError(f"method head must be one of {HEADS} or null, got {self.head!r}")
-        if self.inner_solver not in INNER_SOLVERS:
-            raise ValueError(
-                f"inner_solver must be one of {INNER_SOLVERS}, got {self.inner_solver!r}"
-            )
-        if self.stage2_steps < 1 or self.covariate_steps < 0:
-            raise ValueError(
-                f"stage2_steps must be ≥ 1 and covariate_steps ≥ 0, got {self.stage2_steps}, "
-                f"{self.covariate_steps}"
-            )
+        if self.covariate_steps < 0:
+            raise ValueError(f"covariate_steps must be ≥ 0, got {self.covariate_steps}")
         if self.covariate_weight_decay < 0:
             raise ValueError(
                 f"covariate_weight_decay must be ≥ 0, got {self.covariate_weight_decay}"
             )
+
+
+@dataclass
+class IVLibraryMethod(IVMethodConfig, EstimatorMethod):
+    """A library estimator in the IV experiments (the IV variant of its library spec).
+
+    Attributes:
+        head: outcome head for this method (None: the problem's).
+    """
+
+    scope: ClassVar[str] = "iv"
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head is not None and self.head not in HEADS:
+            raise ValueError(f"method head must be one of {HEADS} or null, got {self.head!r}")
+
+    @property
+    def features_formulation(self) -> bool:
+        return getattr(self, "formulation", "functional") == "features"
+
+    def build(self, context: IVBuildContext) -> HypergradientEstimator:  # type: ignore[override]
+        if self.features_formulation:
+            # The FuncID authors' baselines: the inner variable is the feature network alone.
+            return EstimatorMethod.build(self, BuildContext(context.inner.features))
+        inner_solver = None
+        if getattr(self, "inner_solver", "gradient") == "ridge_head":
+            # The paper's inner solver: feature steps through a closed-form ridge head.
+            feature_opt = make_optimizer(
+                self.inner_optimizer,
+                context.inner.features.parameters(),
+                self.inner_lr,
+                self.inner_weight_decay,
+            )
+            inner_solver = RidgeHeadInnerSolver(
+                context.inner, feature_opt, self.inner_steps, context.stage1_ridge
+            )
+        return EstimatorMethod.build(
+            self,
+            BuildContext(context.inner, linear_head=context.inner.head, inner_solver=inner_solver),
+        )
+
+
+@dataclass
+class RidgeHeadOption(IVLibraryMethod):
+    """Attributes:
+    inner_solver: ``"gradient"`` (optimizer steps on every inner weight) or ``"ridge_head"``
+        (the paper's: steps on the instrument features through a closed-form ridge head with
+        the problem's ``stage1_ridge``, :class:`~funcbo.apps.iv.inner.RidgeHeadInnerSolver`).
+    """
+
+    scope: ClassVar[str] = "iv"
+    inner_solver: str = "gradient"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inner_solver not in INNER_SOLVERS:
+            raise ValueError(
+                f"inner_solver must be one of {INNER_SOLVERS}, got {self.inner_solver!r}"
+            )
+
+
+@dataclass
+class FeatureOption(IVLibraryMethod):
+    """Attributes:
+    formulation: ``"functional"`` (the inner model h = head ∘ φ regresses ψ_ω(t); ω is seen
+        through h* only) or ``"features"`` (the FuncID authors' formulation of their AID, ITD
+        and penalty baselines: the inner variable is φ with the stage-1 head in closed form,
+        and the outer loss refits the stage-1 head on ψ_ω(t₁); see
+        :class:`~funcbo.apps.iv.problem.IVFeatureProblem`).
+    """
+
+    scope: ClassVar[str] = "iv"
+    formulation: str = "functional"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {self.formulation!r}")
-        if self.formulation == "features":
-            if self.kind not in FEATURE_KINDS:
-                raise ValueError(
-                    f"formulation='features' applies to {FEATURE_KINDS}, not {self.kind!r}"
-                )
-            if self.inner_solver != "gradient":
-                raise ValueError(
-                    "formulation='features' fits the stage-1 head inside the inner loss: use "
-                    "inner_solver='gradient'"
-                )
-        if self.inner_solver == "ridge_head" and self.kind not in RIDGE_HEAD_KINDS:
+        if self.formulation == "features" and getattr(self, "inner_solver", "gradient") != (
+            "gradient"
+        ):
             raise ValueError(
-                f"inner_solver='ridge_head' applies to {RIDGE_HEAD_KINDS}, not {self.kind!r}"
+                "formulation='features' fits the stage-1 head inside the inner loss: use "
+                "inner_solver='gradient'"
             )
+
+
+@register_method("funcid")
+@dataclass
+class IVFuncID(RidgeHeadOption, FuncIDNetwork):
+    """FuncID with a network adjoint (:class:`~funcbo.experiments.methods.FuncIDNetwork`)."""
+
+
+@register_method("funcid_linear")
+@dataclass
+class IVFuncIDLinear(RidgeHeadOption, FuncIDLinear):
+    """FuncID with the closed-form adjoint on the instrument features."""
+
+
+@register_method("aid")
+@dataclass
+class IVAID(FeatureOption, RidgeHeadOption, AIDMethod):
+    """AID (:class:`~funcbo.experiments.methods.AIDMethod`)."""
+
+
+@register_method("itd")
+@dataclass
+class IVITD(FeatureOption, ITDMethod):
+    """ITD (:class:`~funcbo.experiments.methods.ITDMethod`)."""
+
+
+@register_method("gradient_penalty")
+@dataclass
+class IVGradientPenalty(FeatureOption, GradientPenaltyMethod):
+    """The gradient-norm penalty (:class:`~funcbo.experiments.methods.GradientPenaltyMethod`)."""
+
+
+@register_method("value_penalty")
+@dataclass
+class IVValuePenalty(FeatureOption, ValuePenaltyMethod):
+    """The value-function penalty (:class:`~funcbo.experiments.methods.ValuePenaltyMethod`)."""
+
+
+@register_method("dfiv")
+@dataclass
+class DFIVMethod(IVMethodConfig, OuterStep, InnerSteps):
+    """DFIV (:class:`~funcbo.apps.iv.dfiv.DFIV`): stage 1 (instrument network) from the
+    ``inner_*`` settings, stage 2 (treatment network) from ``outer_*``.
+
+    Attributes:
+        stage2_steps: treatment-network steps per iteration.
+    """
+
+    scope: ClassVar[str] = "iv"
+    stage2_steps: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stage2_steps < 1:
+            raise ValueError(f"stage2_steps must be ≥ 1, got {self.stage2_steps}")
+
+    def build(self, context: IVBuildContext) -> DFIV:
+        covariate = context.outer.covariate
+        return DFIV(
+            context.outer.treatment,
+            context.inner.features,
+            context.optimizer(
+                self.outer_optimizer,
+                context.outer.treatment.parameters(),
+                self.outer_lr,
+                self.outer_weight_decay,
+                2,
+            ),
+            context.optimizer(
+                self.inner_optimizer,
+                context.inner.features.parameters(),
+                self.inner_lr,
+                self.inner_weight_decay,
+                1,
+            ),
+            stage1_steps=self.inner_steps,
+            stage2_steps=self.stage2_steps,
+            lam1=context.stage1_ridge,
+            lam2=context.stage2_ridge,
+            covariate=covariate,
+            covariate_optimizer=None
+            if covariate is None
+            else context.optimizer(
+                self.outer_optimizer,
+                covariate.parameters(),
+                self.outer_lr,
+                self.covariate_weight_decay,
+                2,
+            ),
+            covariate_steps=self.covariate_steps,
+        )
+
+
+#: method kinds of the IV experiments (registered in scope ``"iv"``)
+IV_KINDS = method_kinds(IVMethodConfig)
+#: kinds that can take the feature formulation
+FEATURE_KINDS = method_kinds(FeatureOption)
+#: kinds whose inner solver can be the ridge-head one
+RIDGE_HEAD_KINDS = method_kinds(RidgeHeadOption)
 
 
 def _paper() -> dict[str, IVMethodConfig]:
@@ -296,8 +491,7 @@ def _paper() -> dict[str, IVMethodConfig]:
         "outer_weight_decay": 0.1,
     }
     return {
-        "funcid": IVMethodConfig(
-            kind="funcid",
+        "funcid": IVFuncID(
             adjoint_optimizer="adam",
             adjoint_lr=1e-5,
             adjoint_weight_decay=0.1,
@@ -306,35 +500,18 @@ def _paper() -> dict[str, IVMethodConfig]:
             inner_solver="ridge_head",
             **common,
         ),
-        "funcid_linear": IVMethodConfig(
-            kind="funcid_linear",
-            inner_solver="ridge_head",
-            ridge=0.2,
-            ridge_relative=False,
-            **common,
+        "funcid_linear": IVFuncIDLinear(
+            inner_solver="ridge_head", ridge=0.2, ridge_relative=False, **common
         ),
-        "dfiv": IVMethodConfig(kind="dfiv", stage2_steps=1, **common),
-        "aid": IVMethodConfig(
-            kind="aid",
+        "dfiv": DFIVMethod(stage2_steps=1, **common),
+        "aid": IVAID(
             formulation="features",
-            solver="cg",
-            solver_iters=2,
-            cg_safeguards=False,
+            solver=CG(maxiter=2, safeguards=False),
             **{**common, "inner_weight_decay": 1e-3},
         ),
-        "itd": IVMethodConfig(
-            kind="itd",
-            formulation="features",
-            unroll=20,
-            truncate=2,
-            **{**common, "inner_lr": 1e-2},
-        ),
-        "gradient_penalty": IVMethodConfig(
-            kind="gradient_penalty", formulation="features", penalty=0.1, **common
-        ),
-        "value_penalty": IVMethodConfig(
-            kind="value_penalty", formulation="features", penalty=10.0, **common
-        ),
+        "itd": IVITD(formulation="features", unroll=20, truncate=2, **{**common, "inner_lr": 1e-2}),
+        "gradient_penalty": IVGradientPenalty(formulation="features", penalty=0.1, **common),
+        "value_penalty": IVValuePenalty(formulation="features", penalty=10.0, **common),
     }
 
 
@@ -343,10 +520,19 @@ PAPER_METHODS: dict[str, IVMethodConfig] = _paper()
 
 
 def paper_method(kind: str, **overrides: object) -> IVMethodConfig:
-    """A copy of the paper's settings for ``kind``, with fields replaced by ``overrides``."""
+    """A copy of the paper's settings for ``kind``, with fields replaced by ``overrides``
+    (validated as a config entry; former flat fields such as ``solver_iters`` are translated
+    and those ``kind`` does not have are dropped, so one set of overrides fits every kind)."""
     if kind not in PAPER_METHODS:
         raise ValueError(f"unknown IV method kind {kind!r}; use one of {IV_KINDS}")
-    return dataclasses.replace(PAPER_METHODS[kind], **overrides)  # type: ignore[arg-type]
+    from funcbo.experiments.config import ConfigError, to_plain
+
+    try:
+        fields = {**to_plain(PAPER_METHODS[kind]), **overrides}
+        fields.pop("kind")
+        return make_method(kind, IVMethodConfig, **fields)
+    except ConfigError as e:
+        raise ValueError(str(e)) from e
 
 
 def as_problem_config(cfg: IVProblemConfig | dict | None) -> IVProblemConfig:
@@ -366,19 +552,25 @@ def as_problem_config(cfg: IVProblemConfig | dict | None) -> IVProblemConfig:
     raise TypeError(f"expected an IVProblemConfig or a dict, got {type(cfg).__name__}")
 
 
-def as_method_config(cfg: MethodConfig | dict) -> IVMethodConfig:
-    """An :class:`IVMethodConfig` from itself, a plain :class:`MethodConfig`, or a mapping."""
+def as_method_config(cfg: MethodSpec | MethodConfig | dict) -> IVMethodConfig:
+    """An IV method spec from itself, a former flat record (:class:`MethodConfig`), or a
+    config entry (a mapping with ``kind``)."""
     if isinstance(cfg, IVMethodConfig):
         return cfg
-    if isinstance(cfg, MethodConfig):
-        return IVMethodConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    from funcbo.experiments.config import ConfigError, to_plain
+
+    if isinstance(cfg, (MethodConfig, MethodSpec)):
+        cfg = to_plain(cfg)
     if isinstance(cfg, dict):
-        known = {f.name for f in dataclasses.fields(IVMethodConfig)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown method field(s) {unknown}; known: {sorted(known)}")
-        return IVMethodConfig(**cfg)
-    raise TypeError(f"expected a MethodConfig or a dict, got {type(cfg).__name__}")
+        data = dict(cfg)
+        kind = data.pop("kind", "funcid_linear")
+        if kind not in IV_KINDS:
+            raise ValueError(f"unknown IV method kind {kind!r}; use one of {IV_KINDS}")
+        try:
+            return make_method(kind, IVMethodConfig, **data)
+        except ConfigError as e:
+            raise ValueError(str(e)) from e
+    raise TypeError(f"expected an IV method spec or a dict, got {type(cfg).__name__}")
 
 
 __all__ = [
@@ -386,13 +578,24 @@ __all__ = [
     "FEATURE_KINDS",
     "FORMULATIONS",
     "INNER_SOLVERS",
+    "IVAID",
+    "IVITD",
     "IV_KINDS",
     "PAPER_ITERATIONS",
     "PAPER_METHODS",
     "WEIGHT_DECAY_SCALES",
+    "DFIVMethod",
     "DemandProblemConfig",
+    "FeatureOption",
+    "IVBuildContext",
+    "IVFuncID",
+    "IVFuncIDLinear",
+    "IVGradientPenalty",
+    "IVLibraryMethod",
     "IVMethodConfig",
     "IVProblemConfig",
+    "IVValuePenalty",
+    "RidgeHeadOption",
     "as_method_config",
     "as_problem_config",
     "paper_method",

@@ -31,6 +31,9 @@ import torch
 from torch import Tensor
 
 from funcbo.apps.iv.config import (
+    DFIVMethod,
+    IVBuildContext,
+    IVLibraryMethod,
     IVMethodConfig,
     IVProblemConfig,
     as_method_config,
@@ -40,11 +43,10 @@ from funcbo.apps.iv.data import IVData, IVTensors, dsprites_data
 from funcbo.apps.iv.demand import demand_data
 from funcbo.apps.iv.dfiv import DFIV
 from funcbo.apps.iv.evaluate import eval_mode, out_of_sample_mse
-from funcbo.apps.iv.inner import RidgeHeadInnerSolver
 from funcbo.apps.iv.networks import build_iv_networks
 from funcbo.apps.iv.problem import IVFeatureProblem, IVProblem, feature_outer_batch
 from funcbo.estimator import Batches, HypergradientEstimator
-from funcbo.experiments.methods import BuildContext, library_method, make_optimizer
+from funcbo.experiments.methods import make_optimizer
 from funcbo.experiments.task import RunSpec, Task
 from funcbo.inner import frozen
 from funcbo.trainer import Trainer
@@ -71,7 +73,8 @@ class IVTask(Task):
 
     Args:
         spec: the run (``problem`` an :class:`IVProblemConfig` or a mapping of its fields,
-            ``method_config`` an :class:`IVMethodConfig` or a plain ``MethodConfig``).
+            ``method_config`` an IV method spec (:class:`IVMethodConfig`), a former flat
+            ``MethodConfig`` or a config entry mapping).
         data: the dataset, when already generated (default: :func:`make_dataset` with the data
             seed, which is the run's seed unless ``problem.data_seed`` fixes it).
     """
@@ -87,8 +90,8 @@ class IVTask(Task):
         data_seed = spec.seed if pc.data_seed is None else pc.data_seed
         self.data = data if data is not None else make_dataset(pc, data_seed)
         self.tensors = IVTensors.from_data(self.data, self.dtype, self.device)
-        head = "closed_form" if mc.kind == "dfiv" else (mc.head or pc.head)
-        self.features_formulation = mc.formulation == "features"
+        head = "closed_form" if isinstance(mc, DFIVMethod) else (mc.head or pc.head)
+        self.features_formulation = isinstance(mc, IVLibraryMethod) and mc.features_formulation
         self.problem: IVProblem | IVFeatureProblem
         if self.features_formulation:
             if pc.dataset == "demand":
@@ -131,44 +134,22 @@ class IVTask(Task):
                 dtype=self.dtype,
                 device=self.device,
             )
-            if mc.kind == "dfiv":
-                covariate = self.outer.covariate
-                self.dfiv = DFIV(
-                    self.outer.treatment,
-                    self.inner.features,
-                    self._optimizer(
-                        mc.outer_optimizer,
-                        self.outer.treatment.parameters(),
-                        mc.outer_lr,
-                        mc.outer_weight_decay,
-                        n_out,
-                    ),
-                    self._optimizer(
-                        mc.inner_optimizer,
-                        self.inner.features.parameters(),
-                        mc.inner_lr,
-                        mc.inner_weight_decay,
-                        n_in,
-                    ),
-                    stage1_steps=mc.inner_steps,
-                    stage2_steps=mc.stage2_steps,
-                    lam1=pc.stage1_ridge,
-                    lam2=pc.stage2_ridge,
-                    covariate=covariate,
-                    covariate_optimizer=None
-                    if covariate is None
-                    else self._optimizer(
-                        mc.outer_optimizer,
-                        covariate.parameters(),
-                        mc.outer_lr,
-                        mc.covariate_weight_decay,
-                        n_out,
-                    ),
-                    covariate_steps=mc.covariate_steps,
-                )
+            summed = {1: n_in, 2: n_out}
+            context = IVBuildContext(
+                inner=self.inner,
+                outer=self.outer,
+                stage1_ridge=pc.stage1_ridge,
+                stage2_ridge=pc.stage2_ridge,
+                optimizer=lambda name, params, lr, wd, stage: self._optimizer(
+                    name, params, lr, wd, summed[stage]
+                ),
+            )
+            if isinstance(mc, DFIVMethod):
+                self.dfiv = mc.build(context)
                 self.outer_optimizer = None
             else:
-                self.estimator = self._build_estimator(mc)
+                assert isinstance(mc, IVLibraryMethod)
+                self.estimator = mc.build(context)
                 # The estimator's own optimizers: inner steps (and a value penalty's value
                 # network) descend stage-1 losses.
                 for solver in (getattr(self.estimator, n, None) for n in ("inner", "value")):
@@ -236,27 +217,6 @@ class IVTask(Task):
                     if key in group:
                         group[key] = group[key] / summed
         return optimizer
-
-    def _build_estimator(self, mc: IVMethodConfig) -> HypergradientEstimator:
-        inner_solver = None
-        if mc.inner_solver == "ridge_head":
-            # The paper's inner solver: feature steps through a closed-form ridge head.
-            feature_opt = make_optimizer(
-                mc.inner_optimizer,
-                self.inner.features.parameters(),
-                mc.inner_lr,
-                mc.inner_weight_decay,
-            )
-            inner_solver = RidgeHeadInnerSolver(
-                self.inner, feature_opt, mc.inner_steps, self.config.stage1_ridge
-            )
-        method = library_method(mc)
-        if self.features_formulation:
-            # The FuncID authors' baselines: the inner variable is the feature network alone.
-            return method.build(BuildContext(self.inner.features))
-        return method.build(
-            BuildContext(self.inner, linear_head=self.inner.head, inner_solver=inner_solver)
-        )
 
     def _covariate_update(self, batch: dict[str, Tensor]) -> float:
         """``covariate_steps`` optimizer steps on χ: the mean outer loss at v = h(z) on the
