@@ -15,7 +15,6 @@ from torch import nn
 from funcbo import AID, CG, FuncID, Identity, LinearAdjoint, NetworkAdjoint
 from funcbo.apps.rl.adjoint import PointwiseAdjoint
 from funcbo.apps.rl.config import RLMethodConfig
-from funcbo.apps.rl.methods import build_bilevel
 from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, QOfAction
 from funcbo.apps.rl.problem import SoftBellmanProblem, soft_value, with_target
 from funcbo.errors import ShapeError
@@ -222,7 +221,7 @@ def build_variant(kind: str, problem, model, tq, q_inner=None):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(2)
             q_inner = QOfAction(DoubleQ(4, 2, hidden=8)).to(DT)
-    _, est, hp = build_bilevel(RLMethodConfig(kind=kind), problem, q_inner, model, tq, N)
+    _, est, hp = RLMethodConfig(kind=kind).estimator(problem, q_inner, model, tq, N)
     return est, hp
 
 

@@ -52,8 +52,24 @@ from funcbo.penalty import GradientPenalty, ValuePenalty
 
 
 # ------------------------------------------------------------------------------ registry
+class _SpecMeta(type):
+    """Calling a base spec class with ``kind=...`` builds the registered spec of that kind in
+    its scope (``RLMethodConfig(kind="omd", inner_lr=1e-3)``); a base with a ``default_kind``
+    called without one builds that kind."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        kind = kwargs.pop("kind", None)
+        if kind is None and not cls.kind and getattr(cls, "default_kind", ""):
+            kind = cls.default_kind
+        if kind is not None and kind != cls.kind:
+            if args:
+                raise TypeError(f"{cls.__name__}(kind={kind!r}, ...) takes keyword fields only")
+            return make_method(kind, cls, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass
-class MethodSpec:
+class MethodSpec(metaclass=_SpecMeta):
     """Base of every method spec: a dataclass of the method's own fields and a ``build``.
 
     Attributes:

@@ -20,16 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from funcbo.apps.rl.config import BILEVEL_KINDS, RLMethodConfig, RLProblemConfig
+from funcbo.apps.rl.config import RLBuildContext, RLMethodConfig, RLProblemConfig
 from funcbo.apps.rl.env import GymEnv, obs_tensor
-from funcbo.apps.rl.methods import (
-    BilevelUpdater,
-    ModelFittingUpdater,
-    ModelFreeUpdater,
-    Updater,
-    build_bilevel,
-    make_optimizer,
-)
+from funcbo.apps.rl.methods import Updater
 from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, QOfAction, ValueEnsemble
 from funcbo.apps.rl.problem import SoftBellmanProblem
 from funcbo.apps.rl.replay import ReplayBuffer
@@ -100,32 +93,16 @@ class Agent:
 
     # ----------------------------------------------------------------------------- building
     def _build_updater(self) -> Updater:
-        m, c = self.method, self.cfg
-        if m.kind in BILEVEL_KINDS:
-            assert self.model is not None
-            inner, est, hp = build_bilevel(
-                m, self.problem, self.q_inner, self.model, self.target_q, c.batch_size
-            )
-            opt = make_optimizer(
-                m.outer_optimizer, self.model.parameters(), m.outer_lr, m.outer_weight_decay
-            )
-            return BilevelUpdater(
-                inner, est, self.problem, hp, self.model, opt, self.q, self.target_q, c.tau,
-                warm_opt=m.warm_opt,
-            )  # fmt: skip
-        q_opt = make_optimizer(
-            m.inner_optimizer, self.q.parameters(), m.inner_lr, m.inner_weight_decay
+        context = RLBuildContext(
+            self.cfg,
+            self.problem,
+            self.q,
+            self.q_inner,
+            self.target_q,
+            model=self.model,
+            values=self.values,
         )
-        if m.kind == "model_free":
-            return ModelFreeUpdater(self.problem, self.q_inner, q_opt, self.q, self.target_q, c.tau)
-        assert self.model is not None
-        model_opt = make_optimizer(
-            m.outer_optimizer, self.model.parameters(), m.outer_lr, m.outer_weight_decay
-        )
-        return ModelFittingUpdater(
-            m.kind, self.problem, self.model, model_opt, self.q_inner, q_opt, self.q,
-            self.target_q, c.tau, model_steps=m.model_steps, values=self.values,
-        )  # fmt: skip
+        return self.method.build(context)
 
     # ----------------------------------------------------------------------------- acting
     def policy_logits(self, obs: np.ndarray) -> torch.Tensor:

@@ -215,7 +215,8 @@ class BatchedUpdater:
                 f"{', '.join(BATCHED_KINDS)}); run it without batch_seeds"
             )
         for name in ("inner_optimizer", "outer_optimizer"):
-            if getattr(method, name).lower() != "adam":
+            # model_free has no model, hence no outer optimizer
+            if getattr(method, name, "adam").lower() != "adam":
                 raise ValueError(
                     f"batched runs use Adam; method {kind!r} asks for {name} = "
                     f"{getattr(method, name)!r}: run it without batch_seeds"
@@ -546,6 +547,9 @@ def check_batchable(methods: Sequence[RLMethodConfig], problems: Sequence[RLProb
     Runs share a batch when they are the same method and protocol except for the per-run fields
     :data:`PER_RUN_METHOD_FIELDS` and :data:`PER_RUN_PROBLEM_FIELDS`.
     """
+    kinds = {m.kind for m in methods}
+    if len(kinds) > 1:
+        raise ValueError(f"runs of one batch must share method.kind (got {sorted(kinds)})")
     for cfgs, per_run, what in (
         (methods, PER_RUN_METHOD_FIELDS, "method"),
         (problems, PER_RUN_PROBLEM_FIELDS, "problem"),

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from funcbo.experiments.methods import MethodConfig
+import torch
+from torch import nn
+
+from funcbo.experiments.methods import LEGACY_FIELDS, MethodSpec, register_method
 
 #: FuncID variants (see ``RLMethodConfig.kind``)
 FUNCID_KINDS = ("funcid_reference", "funcid_solution", "funcid_network", "funcid_identity")
@@ -79,64 +82,196 @@ class RLProblemConfig:
             raise ValueError(f"RL config: target must be 'min' or 'per_head', got {self.target!r}")
 
 
-@dataclass
-class RLMethodConfig(MethodConfig):
-    """A method of the RL experiment (defaults: the authors' FuncID, the paper's hyperparameters).
+#: the RL fields of the former flat method record (see ``translate_legacy``)
+RL_LEGACY_FIELDS = (
+    *LEGACY_FIELDS,
+    "warm_opt",
+    "cg_damping",
+    "cg_warm_start",
+    "model_steps",
+    "adjoint_scale",
+    "adjoint_at",
+)
 
-    Inherited fields used here: ``inner_optimizer``/``inner_lr``/``inner_steps`` (the Q-function:
-    Adam 3e-4, one step per environment step), ``outer_optimizer``/``outer_lr`` (the model:
-    Adam 1e-3), ``adjoint_optimizer``/``adjoint_lr``/``adjoint_steps`` (FuncID's adjoint network),
-    ``solver_iters`` (CG iterations of ``omd_cg``).
+
+@dataclass
+class RLBuildContext:
+    """What an RL method's update rule is built over (made by the unbatched
+    :class:`~funcbo.apps.rl.agent.Agent`).
 
     Attributes:
-        kind: the FuncID variants
-            ``funcid_reference`` (the authors' code, what the paper ran: adjoint a = −g at the
-            Q-network's prediction, identity output Hessian, and V̄ at the *real* s′ in the
-            cross derivative, so only the reward head gets a hypergradient),
-            ``funcid_solution`` (adjoint at the function-space inner solution h* = ŷ, both
-            heads: the exact hypergradient of the empirical problem),
-            ``funcid_network`` (an adjoint network fitted to the same target, both heads; see
-            ``adjoint_at``),
-            ``funcid_identity`` (a = −g at the Q-network's prediction with both heads: the
-            earlier variant, which diverges; kept as a counter-example);
-            and ``omd`` (parameter-space implicit differentiation, identity inverse
-            Hessian), ``omd_cg`` (same with CG), ``mle`` (model by maximum likelihood), ``vep``
-            (value equivalence), ``model_free`` (soft Q-learning on real transitions).
-        warm_opt: keep the Adam statistics of the Q-steps (and of the adjoint) of the bilevel
-            methods across environment steps. OMD's and FuncID's reference code re-initialise
-            them at every outer step (``warm_opt=False``); mle/vep/model_free always keep them.
-        cg_damping: damping of ``omd_cg`` (solves (H + δI)v = g, as OMD's ``with_inv_jac``).
-        cg_warm_start: start CG from the previous solution (OMD starts from zero).
-        model_steps: model updates per environment step for mle/vep.
-        adjoint_scale: FuncID's adjoint network outputs a = adjoint_scale · net(s, a); None:
-            the batch size, so that net regresses the gradient of the batch-mean outer loss as
-            in the reference implementation (see ``networks.ScaledOutput``).
-        adjoint_at: ``funcid_network`` fits its network to g evaluated at the inner solution
-            h* (``"solution"``) or at the Q-network's prediction (``"prediction"``, the earlier
-            variant). ``adjoint_init`` may also be ``"zero"`` (fresh, output layer zero: a ≡ 0).
+        config: the protocol.
+        problem: the soft Bellman problem.
+        q, q_inner, target_q: the double Q-network, its Q-of-the-taken-action view, its target.
+        model: the dynamics model (None for ``model_free``).
+        values: VEP's random value ensemble (None otherwise).
     """
 
-    kind: str = "funcid_reference"
+    config: RLProblemConfig
+    problem: Any
+    q: Any
+    q_inner: Any
+    target_q: Any
+    model: Any = None
+    values: Any = None
+
+
+@dataclass
+class RLMethodConfig(MethodSpec):
+    """Base of the RL experiment's methods (kinds in scope ``"rl"``; defaults: the paper's
+    hyperparameters). ``RLMethodConfig(kind="omd", inner_lr=1e-3)`` builds the registered spec
+    of that kind (``RLMethodConfig()``: the authors' FuncID, ``funcid_reference``).
+
+    The kinds: the FuncID variants ``funcid_reference`` (the authors' code, what the paper
+    ran: adjoint a = −g at the Q-network's prediction, identity output Hessian, and V̄ at the
+    *real* s′ in the cross derivative, so only the reward head gets a hypergradient),
+    ``funcid_solution`` (adjoint at the function-space inner solution h* = ŷ, both heads: the
+    exact hypergradient of the empirical problem), ``funcid_network`` (an adjoint network fitted
+    to the same target, both heads; see ``adjoint_at``), ``funcid_identity`` (a = −g at the
+    Q-network's prediction with both heads: the earlier variant, which diverges; kept as a
+    counter-example); and ``omd`` (parameter-space implicit differentiation, identity inverse
+    Hessian), ``omd_cg`` (same with CG), ``mle`` (model by maximum likelihood), ``vep`` (value
+    equivalence), ``model_free`` (soft Q-learning on real transitions).
+
+    Attributes:
+        inner_optimizer, inner_lr, inner_weight_decay: the Q-function's optimizer (Adam 3e-4).
+    """
+
+    scope: ClassVar[str] = "rl"
+    default_kind: ClassVar[str] = "funcid_reference"
+    legacy_fields: ClassVar[tuple[str, ...]] = RL_LEGACY_FIELDS
+    inner_optimizer: str = "adam"
     inner_lr: float = 3e-4
-    inner_steps: int = 1
+    inner_weight_decay: float = 0.0
+
+    def build(self, context: RLBuildContext) -> Any:
+        """The method's update rule (:class:`~funcbo.apps.rl.methods.Updater`)."""
+        raise NotImplementedError
+
+    def q_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        from funcbo.apps.rl.methods import make_optimizer
+
+        return make_optimizer(self.inner_optimizer, params, self.inner_lr, self.inner_weight_decay)
+
+
+@dataclass
+class RLModelMethod(RLMethodConfig):
+    """A method with a dynamics model (every kind but ``model_free``).
+
+    Attributes:
+        outer_optimizer, outer_lr, outer_weight_decay: the model's optimizer (Adam 1e-3).
+    """
+
+    outer_optimizer: str = "adam"
     outer_lr: float = 1e-3
-    adjoint_lr: float = 3e-4
-    adjoint_steps: int = 5
-    solver_iters: int = 10
+    outer_weight_decay: float = 0.0
+
+    def model_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        from funcbo.apps.rl.methods import make_optimizer
+
+        return make_optimizer(self.outer_optimizer, params, self.outer_lr, self.outer_weight_decay)
+
+
+@dataclass
+class RLBilevelMethod(RLModelMethod):
+    """A bilevel kind: the model's gradient comes from a library hypergradient estimator.
+
+    Attributes:
+        inner_steps: Q-steps per environment step (1).
+        warm_opt: keep the Adam statistics of the Q-steps (and of the adjoint) across
+            environment steps. OMD's and FuncID's reference code re-initialise them at every
+            outer step (``warm_opt=False``).
+    """
+
+    inner_steps: int = 1
     warm_opt: bool = False
-    cg_damping: float = 1e-5
-    cg_warm_start: bool = False
-    model_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1:
+            raise ValueError(f"RL method {self.kind}: inner_steps must be ≥ 1")
+
+    def estimator(
+        self,
+        problem: Any,
+        q_inner: nn.Module,
+        model: nn.Module,
+        target_q: nn.Module,
+        batch_size: int = 256,
+    ) -> tuple[Any, Any, Any]:
+        """The Q-step solver, the hypergradient estimator and its problem (initialisations
+        draw from the global torch generator); see :mod:`funcbo.apps.rl.methods`."""
+        raise NotImplementedError
+
+    def build(self, context: RLBuildContext) -> Any:
+        from funcbo.apps.rl.methods import BilevelUpdater
+
+        c = context
+        assert c.model is not None
+        inner, est, hp = self.estimator(
+            c.problem, c.q_inner, c.model, c.target_q, c.config.batch_size
+        )
+        opt = self.model_optimizer(c.model.parameters())
+        return BilevelUpdater(
+            inner, est, c.problem, hp, c.model, opt, c.q, c.target_q, c.config.tau,
+            warm_opt=self.warm_opt,
+        )  # fmt: skip
+
+
+@dataclass
+class _PointwiseFuncID(RLBilevelMethod):
+    def estimator(self, problem, q_inner, model, target_q, batch_size=256):  # type: ignore[no-untyped-def]
+        from funcbo.apps.rl.methods import pointwise_funcid
+
+        return pointwise_funcid(self, problem, q_inner, model, target_q, batch_size)
+
+
+@register_method("funcid_reference")
+@dataclass
+class FuncIDReference(_PointwiseFuncID):
+    """FuncID as the authors ran it: a = −g at the Q-network's prediction, identity output
+    Hessian, V̄ at the real s′ in the cross derivative (reward head only)."""
+
+
+@register_method("funcid_identity")
+@dataclass
+class FuncIDIdentity(_PointwiseFuncID):
+    """a = −g at the Q-network's prediction with both heads (diverges; a counter-example)."""
+
+
+@register_method("funcid_solution")
+@dataclass
+class FuncIDSolution(_PointwiseFuncID):
+    """FuncID with the adjoint at the function-space inner solution h* = ŷ (both heads)."""
+
+
+@register_method("funcid_network")
+@dataclass
+class FuncIDNetworkRL(RLBilevelMethod):
+    """FuncID with an adjoint network of the Q-network's architecture (both heads).
+
+    Attributes:
+        adjoint_optimizer, adjoint_lr, adjoint_weight_decay, adjoint_steps: its optimizer steps.
+        adjoint_init: ``"fresh"``, ``"inner"`` (a copy of the Q-network) or ``"zero"`` (fresh,
+            output layer zero: a ≡ 0).
+        adjoint_scale: the network outputs a = adjoint_scale · net(s, a); None: the batch
+            size, so that net regresses the gradient of the batch-mean outer loss as in the
+            reference implementation (see ``networks.ScaledOutput``).
+        adjoint_at: fit the network to g evaluated at the inner solution h* (``"solution"``)
+            or at the Q-network's prediction (``"prediction"``, the earlier variant).
+    """
+
+    adjoint_optimizer: str = "adam"
+    adjoint_lr: float = 3e-4
+    adjoint_weight_decay: float = 0.0
+    adjoint_steps: int = 5
+    adjoint_init: str = "fresh"
     adjoint_scale: float | None = None
     adjoint_at: str = "solution"
 
     def __post_init__(self) -> None:
-        if self.kind not in RL_KINDS:
-            raise ValueError(f"unknown RL method kind {self.kind!r}; use one of {RL_KINDS}")
-        if self.inner_steps < 1 or self.model_steps < 1 or self.adjoint_steps < 1:
-            raise ValueError(
-                f"RL method {self.kind}: inner_steps, model_steps and adjoint_steps must be ≥ 1"
-            )
+        super().__post_init__()
+        if self.adjoint_steps < 1:
+            raise ValueError(f"RL method {self.kind}: adjoint_steps must be ≥ 1")
         if self.adjoint_scale is not None and not self.adjoint_scale > 0:
             raise ValueError(f"RL method {self.kind}: adjoint_scale must be > 0")
         if self.adjoint_at not in ADJOINT_AT:
@@ -146,12 +281,118 @@ class RLMethodConfig(MethodConfig):
                 f"RL method {self.kind}: adjoint_init must be 'fresh', 'inner' or 'zero'"
             )
 
+    def estimator(self, problem, q_inner, model, target_q, batch_size=256):  # type: ignore[no-untyped-def]
+        from funcbo.apps.rl.methods import network_funcid
+
+        return network_funcid(self, problem, q_inner, model, target_q, batch_size)
+
+
+@register_method("omd")
+@dataclass
+class OMD(RLBilevelMethod):
+    """OMD: AID with the identity "inverse Hessian" in parameter space."""
+
+    def estimator(self, problem, q_inner, model, target_q, batch_size=256):  # type: ignore[no-untyped-def]
+        from funcbo.linalg import Identity
+        from funcbo.parametric import AID
+
+        opt = self.q_optimizer(q_inner.parameters())
+        est = AID(q_inner, opt, self.inner_steps, solver=Identity(), warm_start=False)
+        return est.inner, est, problem
+
+
+@register_method("omd_cg")
+@dataclass
+class OMDCG(RLBilevelMethod):
+    """OMD with damped CG (solves (H + δI)v = g, as OMD's ``with_inv_jac``).
+
+    Attributes:
+        solver_iters: CG iterations.
+        cg_damping: δ.
+        cg_warm_start: start CG from the previous solution (OMD starts from zero).
+    """
+
+    solver_iters: int = 10
+    cg_damping: float = 1e-5
+    cg_warm_start: bool = False
+
+    def estimator(self, problem, q_inner, model, target_q, batch_size=256):  # type: ignore[no-untyped-def]
+        from funcbo.linalg import CG
+        from funcbo.parametric import AID
+
+        opt = self.q_optimizer(q_inner.parameters())
+        solver = CG(maxiter=self.solver_iters, damping=self.cg_damping)
+        est = AID(q_inner, opt, self.inner_steps, solver=solver, warm_start=self.cg_warm_start)
+        return est.inner, est, problem
+
+
+@dataclass
+class _ModelFitting(RLModelMethod):
+    """Attributes:
+    model_steps: model updates per environment step.
+    """
+
+    model_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.model_steps < 1:
+            raise ValueError(f"RL method {self.kind}: model_steps must be ≥ 1")
+
+    def build(self, context: RLBuildContext) -> Any:
+        from funcbo.apps.rl.methods import ModelFittingUpdater
+
+        c = context
+        assert c.model is not None
+        q_opt = self.q_optimizer(c.q.parameters())
+        model_opt = self.model_optimizer(c.model.parameters())
+        return ModelFittingUpdater(
+            self.kind, c.problem, c.model, model_opt, c.q_inner, q_opt, c.q,
+            c.target_q, c.config.tau, model_steps=self.model_steps, values=c.values,
+        )  # fmt: skip
+
+
+@register_method("mle")
+@dataclass
+class MLE(_ModelFitting):
+    """The model fitted by maximum likelihood (least squares on real transitions)."""
+
+
+@register_method("vep")
+@dataclass
+class VEP(_ModelFitting):
+    """Value equivalence (Grimm et al., 2020) with random value functions, as OMD's code."""
+
+
+@register_method("model_free")
+@dataclass
+class ModelFree(RLMethodConfig):
+    """Soft Q-learning on real transitions (no model): a reference."""
+
+    def build(self, context: RLBuildContext) -> Any:
+        from funcbo.apps.rl.methods import ModelFreeUpdater
+
+        c = context
+        q_opt = self.q_optimizer(c.q.parameters())
+        return ModelFreeUpdater(c.problem, c.q_inner, q_opt, c.q, c.target_q, c.config.tau)
+
 
 __all__ = [
     "ADJOINT_AT",
     "BILEVEL_KINDS",
     "FUNCID_KINDS",
+    "MLE",
+    "OMD",
+    "OMDCG",
     "RL_KINDS",
+    "VEP",
+    "FuncIDIdentity",
+    "FuncIDNetworkRL",
+    "FuncIDReference",
+    "FuncIDSolution",
+    "ModelFree",
+    "RLBilevelMethod",
+    "RLBuildContext",
     "RLMethodConfig",
+    "RLModelMethod",
     "RLProblemConfig",
 ]

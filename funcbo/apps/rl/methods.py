@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from funcbo.adjoints import Adjoint, NetworkAdjoint, reset_parameters
 from funcbo.apps.rl.adjoint import PointwiseAdjoint
-from funcbo.apps.rl.config import RLMethodConfig
+from funcbo.apps.rl.config import FuncIDNetworkRL, RLBilevelMethod
 from funcbo.apps.rl.networks import EnsembleLinear, ScaledOutput, ValueEnsemble, polyak_update
 from funcbo.apps.rl.problem import SoftBellmanProblem, with_target
 from funcbo.apps.rl.solution import BellmanSolution, NoInnerSteps, SolutionProblem, StateActionInput
@@ -33,8 +33,6 @@ from funcbo.estimator import ImplicitEstimator
 from funcbo.experiments.methods import make_optimizer as _make_optimizer
 from funcbo.functional import FuncID
 from funcbo.inner import InnerSolver
-from funcbo.linalg import CG, Identity
-from funcbo.parametric import AID
 
 Sampler = Callable[[], dict[str, Tensor]]
 
@@ -334,63 +332,75 @@ class ModelFreeUpdater(Updater):
         self.q_optimizer.load_state_dict(state["q_optimizer"])
 
 
-def build_bilevel(
-    cfg: RLMethodConfig,
+def pointwise_funcid(
+    cfg: RLBilevelMethod,
     problem: SoftBellmanProblem,
     q_inner: nn.Module,
     model: nn.Module,
     target_q: nn.Module,
     batch_size: int = 256,
 ) -> tuple[InnerSolver, ImplicitEstimator, SoftBellmanProblem]:
-    """The Q-step solver, the hypergradient estimator and its problem for a bilevel kind.
+    """The Q-step solver, estimator and problem of the FuncID kinds with a pointwise adjoint.
 
     * ``funcid_reference``: FuncID, :class:`PointwiseAdjoint` (a = −g at the Q-network's
       prediction), on ``problem`` with ``next_value="real"`` (reward head only);
     * ``funcid_identity``: the same on ``problem`` (both heads);
     * ``funcid_solution``: FuncID whose inner model is h* (:class:`BellmanSolution`) with the
-      pointwise adjoint a* = −(ŷ − y): the exact hypergradient of the batch's problem;
-    * ``funcid_network``: FuncID with a :class:`~funcbo.NetworkAdjoint` of the Q-network's
-      architecture (output scaled by ``cfg.adjoint_scale``, default the batch size: see
-      :class:`ScaledOutput`), fitted to g at h* (``adjoint_at="solution"``) or at the
-      Q-network's prediction;
-    * ``omd``: AID with the identity "inverse Hessian"; ``omd_cg``: AID with damped CG.
-
-    Initialisations draw from the global torch generator.
+      pointwise adjoint a* = −(ŷ − y): the exact hypergradient of the batch's problem.
     """
-    inner_opt = make_optimizer(
-        cfg.inner_optimizer, q_inner.parameters(), cfg.inner_lr, cfg.inner_weight_decay
-    )
-    heads = int(getattr(getattr(q_inner, "q", None), "heads", 2))
+    inner_opt = cfg.q_optimizer(q_inner.parameters())
     kind = cfg.kind
-    if kind in ("funcid_reference", "funcid_identity"):
-        est = FuncID(q_inner, inner_opt, cfg.inner_steps, PointwiseAdjoint())
-        hp = problem.with_next_value("real") if kind == "funcid_reference" else problem
-        return est.inner, est, hp
-    if kind == "omd":
-        est = AID(q_inner, inner_opt, cfg.inner_steps, solver=Identity(), warm_start=False)
-        return est.inner, est, problem
-    if kind == "omd_cg":
-        solver = CG(maxiter=cfg.solver_iters, damping=cfg.cg_damping)
-        est = AID(q_inner, inner_opt, cfg.inner_steps, solver=solver, warm_start=cfg.cg_warm_start)
-        return est.inner, est, problem
-    if kind == "funcid_solution" or (kind == "funcid_network" and cfg.adjoint_at == "solution"):
-        inner = InnerSolver(q_inner, inner_opt, cfg.inner_steps)
-        sol = BellmanSolution(problem, model, target_q, heads)
-        if kind == "funcid_solution":
-            adjoint: Adjoint = PointwiseAdjoint()
-        else:
-            adjoint = _adjoint_network(cfg, q_inner, batch_size, state_action_input=True)
-        est = FuncID(sol, None, adjoint=adjoint, inner_solver=NoInnerSteps(sol))
-        return inner, est, SolutionProblem.like(problem)
-    if kind == "funcid_network":
-        adjoint = _adjoint_network(cfg, q_inner, batch_size, state_action_input=False)
-        est = FuncID(q_inner, inner_opt, cfg.inner_steps, adjoint)
-        return est.inner, est, problem
-    raise ValueError(f"method kind {kind!r} does not use a hypergradient estimator")
+    if kind == "funcid_solution":
+        return _at_solution(cfg, problem, q_inner, model, target_q, inner_opt, PointwiseAdjoint)
+    est = FuncID(q_inner, inner_opt, cfg.inner_steps, PointwiseAdjoint())
+    hp = problem.with_next_value("real") if kind == "funcid_reference" else problem
+    return est.inner, est, hp
+
+
+def network_funcid(
+    cfg: FuncIDNetworkRL,
+    problem: SoftBellmanProblem,
+    q_inner: nn.Module,
+    model: nn.Module,
+    target_q: nn.Module,
+    batch_size: int = 256,
+) -> tuple[InnerSolver, ImplicitEstimator, SoftBellmanProblem]:
+    """``funcid_network``: FuncID with a :class:`~funcbo.NetworkAdjoint` of the Q-network's
+    architecture (output scaled by ``cfg.adjoint_scale``, default the batch size: see
+    :class:`ScaledOutput`), fitted to g at h* (``adjoint_at="solution"``) or at the Q-network's
+    prediction. Initialisations draw from the global torch generator."""
+    inner_opt = cfg.q_optimizer(q_inner.parameters())
+    if cfg.adjoint_at == "solution":
+
+        def adjoint_at_solution() -> Adjoint:
+            return _adjoint_network(cfg, q_inner, batch_size, state_action_input=True)
+
+        return _at_solution(cfg, problem, q_inner, model, target_q, inner_opt, adjoint_at_solution)
+    adjoint = _adjoint_network(cfg, q_inner, batch_size, state_action_input=False)
+    est = FuncID(q_inner, inner_opt, cfg.inner_steps, adjoint)
+    return est.inner, est, problem
+
+
+def _at_solution(
+    cfg: RLBilevelMethod,
+    problem: SoftBellmanProblem,
+    q_inner: nn.Module,
+    model: nn.Module,
+    target_q: nn.Module,
+    inner_opt: torch.optim.Optimizer,
+    make_adjoint: Callable[[], Adjoint],
+) -> tuple[InnerSolver, ImplicitEstimator, SoftBellmanProblem]:
+    """FuncID whose inner model is the inner solution h* (the Q-steps taken separately)."""
+    heads = int(getattr(getattr(q_inner, "q", None), "heads", 2))
+    inner = InnerSolver(q_inner, inner_opt, cfg.inner_steps)
+    sol = BellmanSolution(problem, model, target_q, heads)
+    adjoint = make_adjoint()  # after the solution, in the former initialisation order
+    est = FuncID(sol, None, adjoint=adjoint, inner_solver=NoInnerSteps(sol))
+    return inner, est, SolutionProblem.like(problem)
 
 
 def _adjoint_network(
-    cfg: RLMethodConfig, q_inner: nn.Module, batch_size: int, *, state_action_input: bool
+    cfg: FuncIDNetworkRL, q_inner: nn.Module, batch_size: int, *, state_action_input: bool
 ) -> NetworkAdjoint:
     net = copy.deepcopy(q_inner)
     if cfg.adjoint_init in ("fresh", "zero"):
@@ -419,8 +429,9 @@ __all__ = [
     "ModelFreeUpdater",
     "Updater",
     "bellman_error",
-    "build_bilevel",
     "make_optimizer",
     "model_errors",
+    "network_funcid",
+    "pointwise_funcid",
     "q_step",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 
 from funcbo.apps.rl.agent import Agent
 from funcbo.apps.rl.config import RLMethodConfig, RLProblemConfig
+from funcbo.experiments.config import to_plain
 from funcbo.experiments.task import BatchTask, RunSpec, Task
 
 
@@ -16,7 +17,8 @@ def _configs(spec: RunSpec) -> tuple[RLProblemConfig, RLMethodConfig]:
         problem = RLProblemConfig(**dict(problem or {}))
     method = spec.method_config
     if not isinstance(method, RLMethodConfig):
-        fields = dict(vars(method)) if not isinstance(method, dict) else dict(method)
+        # a mapping of a method's fields, or a former flat record
+        fields = dict(method) if isinstance(method, dict) else to_plain(method)
         method = RLMethodConfig(**fields)
     if spec.device != "cpu":
         raise ValueError(
