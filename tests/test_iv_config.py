@@ -14,8 +14,10 @@ from funcbo.apps.iv.config import (
     PAPER_METHODS,
     RIDGE_HEAD_KINDS,
     DFIVMethod,
+    GradientSteps,
     IVFuncIDLinear,
     IVMethodConfig,
+    RidgeHead,
     as_method_config,
     paper_method,
 )
@@ -77,8 +79,23 @@ def test_former_flat_iv_entries_load_and_their_errors_stay_errors():
         _load({"kind": "funcid_linear", "formulation": "features"})
     with pytest.raises(ConfigError, match="formulation='features' fits the stage-1 head"):
         _load({"kind": "aid", "formulation": "features", "inner_solver": "ridge_head"})
-    with pytest.raises(ConfigError, match="inner_solver must be one of"):
+    with pytest.raises(ConfigError, match=r"unknown 'ridge' \(did you mean 'ridge_head'\?\)"):
         _load({"kind": "aid", "inner_solver": "ridge"})
+    with pytest.raises(ValueError, match="inner_solver must be one of"):
+        IVFuncIDLinear(inner_solver="ridge")
+
+
+def test_the_inner_solver_is_a_value():
+    m = _load({"kind": "funcid_linear", "inner_solver": "ridge_head"})
+    assert (
+        m.inner_solver
+        == RidgeHead()
+        == _load({"kind": "funcid_linear", "inner_solver": {"ridge_head": {}}}).inner_solver
+    )
+    assert _load({"kind": "aid"}).inner_solver == GradientSteps()
+    assert IVFuncIDLinear(inner_solver="ridge_head").inner_solver == RidgeHead()
+    entry = load_config_dict({"experiment": "iv_dsprites", "methods": {"m": m}}).to_dict()
+    assert entry["methods"]["m"]["inner_solver"] == {"ridge_head": {}}
 
 
 def test_paper_method_and_as_method_config():

@@ -34,12 +34,12 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from funcbo.experiments.errors import ExperimentError
 from funcbo.experiments.methods import (
-    SOLVERS,
     MethodConfig,
     MethodSpec,
     method_class,
     method_kinds,
     translate_legacy,
+    value_classes,
     value_fields,
     value_name,
 )
@@ -202,9 +202,9 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
 
 
 def _tagged_types(tp: Any) -> dict[str, type]:
-    """The solver values ``tp`` admits (``CG | Neumann | Identity``: all three), by name."""
+    """The named values ``tp`` admits (``CG | Neumann | Identity``: all three), by name."""
     args = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
-    by_class = {cls: name for name, cls in SOLVERS.items()}
+    by_class = value_classes()
     kept = [a for a in args if a is not type(None)]
     if not kept or not all(isinstance(a, type) and a in by_class for a in kept):
         return {}

@@ -157,18 +157,37 @@ def make_method(kind: str, base: type[MethodSpec] = MethodSpec, **fields: Any) -
 #: the linear solvers a config may name (``solver: {cg: {maxiter: 2}}`` or ``solver: cg``)
 SOLVERS: dict[str, type] = {"cg": CG, "neumann": Neumann, "identity": Identity}
 
+#: every value class a config may name (the solvers and those of :func:`register_value`)
+_VALUES: dict[type, str] = {cls: name for name, cls in SOLVERS.items()}
+
+
+def register_value(name: str) -> Any:
+    """Class decorator: make dataclass values of this class nameable in configs as
+    ``{name: {field: value}}`` (or just ``name``), in a spec field annotated with it (alone or
+    in a union of such classes)."""
+
+    def deco(cls: type) -> type:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"register_value({name!r}): {cls.__name__} is not a dataclass")
+        _VALUES[cls] = name
+        return cls
+
+    return deco
+
+
+def value_classes() -> dict[type, str]:
+    """Value classes a config may name, with their names."""
+    return dict(_VALUES)
+
 
 def value_fields(obj_or_cls: Any) -> list[str]:
-    """The configurable fields of a solver value (those that take part in comparisons)."""
+    """The configurable fields of a value (those that take part in comparisons)."""
     return [f.name for f in dataclasses.fields(obj_or_cls) if f.init and f.compare]
 
 
 def value_name(obj: Any) -> str | None:
-    """The config name of a solver value (``"cg"`` for a :class:`CG`), None otherwise."""
-    for name, cls in SOLVERS.items():
-        if type(obj) is cls:
-            return name
-    return None
+    """The config name of a value (``"cg"`` for a :class:`CG`), None otherwise."""
+    return _VALUES.get(type(obj))
 
 
 # ----------------------------------------------------------------------- shared fields
@@ -548,5 +567,7 @@ __all__ = [
     "method_class",
     "method_kinds",
     "register_method",
+    "register_value",
     "translate_legacy",
+    "value_classes",
 ]

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -97,6 +97,7 @@ from funcbo.experiments.methods import (
     make_optimizer,
     method_kinds,
     register_method,
+    register_value,
 )
 from funcbo.linalg import CG
 
@@ -318,41 +319,66 @@ class IVLibraryMethod(IVMethodConfig, EstimatorMethod):
         if self.features_formulation:
             # The FuncID authors' baselines: the inner variable is the feature network alone.
             return EstimatorMethod.build(self, BuildContext(context.inner.features))
-        inner_solver = None
-        if getattr(self, "inner_solver", "gradient") == "ridge_head":
-            # The paper's inner solver: feature steps through a closed-form ridge head.
-            feature_opt = make_optimizer(
-                self.inner_optimizer,
-                context.inner.features.parameters(),
-                self.inner_lr,
-                self.inner_weight_decay,
-            )
-            inner_solver = RidgeHeadInnerSolver(
-                context.inner, feature_opt, self.inner_steps, context.stage1_ridge
-            )
+        value = getattr(self, "inner_solver", None)
+        inner_solver = None if value is None else value.build(self, context)
         return EstimatorMethod.build(
             self,
             BuildContext(context.inner, linear_head=context.inner.head, inner_solver=inner_solver),
         )
 
 
+@register_value("gradient")
+@dataclass
+class GradientSteps:
+    """The library's inner solver: the method's ``inner_*`` optimizer steps on every inner
+    weight (``inner_solver: gradient``)."""
+
+    def build(self, method: IVLibraryMethod, context: IVBuildContext) -> None:
+        return None  # the estimator takes its own optimizer steps
+
+
+@register_value("ridge_head")
+@dataclass
+class RidgeHead:
+    """The paper's inner solver (``inner_solver: ridge_head``): the method's ``inner_*`` steps on
+    the instrument features through a closed-form ridge head with the problem's
+    ``stage1_ridge`` (:class:`~funcbo.apps.iv.inner.RidgeHeadInnerSolver`)."""
+
+    def build(self, method: IVLibraryMethod, context: IVBuildContext) -> RidgeHeadInnerSolver:
+        feature_opt = make_optimizer(
+            method.inner_optimizer,
+            context.inner.features.parameters(),
+            method.inner_lr,
+            method.inner_weight_decay,
+        )
+        return RidgeHeadInnerSolver(
+            context.inner, feature_opt, method.inner_steps, context.stage1_ridge
+        )
+
+
+#: the inner solvers by config name
+INNER_SOLVER_VALUES: dict[str, type] = {"gradient": GradientSteps, "ridge_head": RidgeHead}
+
+
 @dataclass
 class RidgeHeadOption(IVLibraryMethod):
     """Attributes:
-    inner_solver: ``"gradient"`` (optimizer steps on every inner weight) or ``"ridge_head"``
-        (the paper's: steps on the instrument features through a closed-form ridge head with
-        the problem's ``stage1_ridge``, :class:`~funcbo.apps.iv.inner.RidgeHeadInnerSolver`).
+    inner_solver: :class:`GradientSteps` (``gradient``: optimizer steps on every inner weight)
+        or :class:`RidgeHead` (``ridge_head``: the paper's steps on the instrument features
+        through a closed-form ridge head); a name is accepted in Python too.
     """
 
     scope: ClassVar[str] = "iv"
-    inner_solver: str = "gradient"
+    inner_solver: GradientSteps | RidgeHead = field(default_factory=GradientSteps)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.inner_solver not in INNER_SOLVERS:
-            raise ValueError(
-                f"inner_solver must be one of {INNER_SOLVERS}, got {self.inner_solver!r}"
-            )
+        if isinstance(self.inner_solver, str):
+            if self.inner_solver not in INNER_SOLVER_VALUES:
+                raise ValueError(
+                    f"inner_solver must be one of {INNER_SOLVERS}, got {self.inner_solver!r}"
+                )
+            self.inner_solver = INNER_SOLVER_VALUES[self.inner_solver]()
 
 
 @dataclass
@@ -372,8 +398,8 @@ class FeatureOption(IVLibraryMethod):
         super().__post_init__()
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {self.formulation!r}")
-        if self.formulation == "features" and getattr(self, "inner_solver", "gradient") != (
-            "gradient"
+        if self.formulation == "features" and isinstance(
+            getattr(self, "inner_solver", None), RidgeHead
         ):
             raise ValueError(
                 "formulation='features' fits the stage-1 head inside the inner loss: use "
@@ -497,11 +523,11 @@ def _paper() -> dict[str, IVMethodConfig]:
             adjoint_weight_decay=0.1,
             adjoint_steps=20,
             adjoint_init="inner",
-            inner_solver="ridge_head",
+            inner_solver=RidgeHead(),
             **common,
         ),
         "funcid_linear": IVFuncIDLinear(
-            inner_solver="ridge_head", ridge=0.2, ridge_relative=False, **common
+            inner_solver=RidgeHead(), ridge=0.2, ridge_relative=False, **common
         ),
         "dfiv": DFIVMethod(stage2_steps=1, **common),
         "aid": IVAID(
@@ -587,6 +613,7 @@ __all__ = [
     "DFIVMethod",
     "DemandProblemConfig",
     "FeatureOption",
+    "GradientSteps",
     "IVBuildContext",
     "IVFuncID",
     "IVFuncIDLinear",
@@ -595,6 +622,7 @@ __all__ = [
     "IVMethodConfig",
     "IVProblemConfig",
     "IVValuePenalty",
+    "RidgeHead",
     "RidgeHeadOption",
     "as_method_config",
     "as_problem_config",
