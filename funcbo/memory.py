@@ -71,6 +71,29 @@ def low_mmap_threshold_env() -> dict[str, str]:
     return env
 
 
+def use_low_mmap_threshold(threshold: int = 65536) -> bool:
+    """Set glibc malloc's mmap threshold in this process, so that large blocks are mapped on
+    allocation and unmapped when freed and the resident set tracks live tensors.
+
+    The in-process counterpart of :func:`low_mmap_threshold_env` (it undoes, for example,
+    :func:`funcbo.apps.rl.batched_agent.keep_freed_memory_in_heap`). Linux/glibc only.
+
+    Returns:
+        True when the setting was applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_mmap_threshold, int(threshold)) == 1
+    return bool(mallopt(m_trim_threshold, int(threshold)) == 1 and ok)
+
+
 class PhaseMeter:
     """Time and peak memory of the named phases of one call, above the memory at its start.
 
@@ -118,4 +141,11 @@ class PhaseMeter:
             self.phases[name] = {"time_s": seconds, "peak_mb": peak}
 
 
-__all__ = ["PhaseMeter", "current_bytes", "low_mmap_threshold_env", "peak_bytes", "reset_peak"]
+__all__ = [
+    "PhaseMeter",
+    "current_bytes",
+    "low_mmap_threshold_env",
+    "peak_bytes",
+    "reset_peak",
+    "use_low_mmap_threshold",
+]

@@ -72,7 +72,9 @@ def keep_freed_memory_in_heap() -> bool:
     kernel faults in and zeroes, which made element-wise ops 3–6× slower than their arithmetic
     (measured: 39 % of a 30-run FuncID step). Raising the threshold (64 MiB) and the trim
     threshold (128 MiB) keeps them in the heap. Process-wide, Linux/glibc only (elsewhere a
-    no-op); numerics are unchanged.
+    no-op); numerics are unchanged. Memory measured from the resident set afterwards in the same
+    process (:class:`funcbo.memory.PhaseMeter`) needs :func:`funcbo.memory.use_low_mmap_threshold`
+    first.
 
     Returns:
         True when the setting was applied.
