@@ -72,8 +72,9 @@ def low_mmap_threshold_env() -> dict[str, str]:
 
 
 def use_low_mmap_threshold(threshold: int = 65536) -> bool:
-    """Set glibc malloc's mmap threshold in this process, so that large blocks are mapped on
-    allocation and unmapped when freed and the resident set tracks live tensors.
+    """Set glibc malloc's mmap and trim thresholds in this process and return free heap memory
+    to the system, so that large blocks are mapped on allocation and unmapped when freed and the
+    resident set tracks live tensors.
 
     The in-process counterpart of :func:`low_mmap_threshold_env` (it undoes, for example,
     :func:`funcbo.apps.rl.batched_agent.keep_freed_memory_in_heap`). Linux/glibc only.
@@ -86,12 +87,16 @@ def use_low_mmap_threshold(threshold: int = 65536) -> bool:
     try:
         import ctypes
 
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     ok = mallopt(m_mmap_threshold, int(threshold)) == 1
-    return bool(mallopt(m_trim_threshold, int(threshold)) == 1 and ok)
+    ok = mallopt(m_trim_threshold, int(threshold)) == 1 and ok
+    # free chunks kept in the heap would serve large requests without touching new pages
+    malloc_trim(0)
+    return bool(ok)
 
 
 class PhaseMeter:
