@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +38,8 @@ class AdjointProblem:
         x_in, x_out: the inner model's inputs on the inner and outer batches.
         hessian: per-sample output Hessians H_i at the inner points.
         g_out: per-sample output gradients g_j = ∂_v ℓ_out at the outer points, ``[m, d_v]``.
-        z_in, z_out: last hidden features of the inner model (only for feature-based adjoints).
+        z_in, z_out: last hidden features of the inner model, for a feature-based adjoint
+            called directly (under FuncID, :meth:`LinearAdjoint.prepare` records them).
     """
 
     x_in: Any
@@ -56,15 +56,24 @@ def adjoint_objective(A_in: Tensor, HA_in: Tensor, A_out: Tensor, g_out: Tensor)
 
 
 class Adjoint(ABC):
-    """An adjoint solver: returns a*(x) at the inner points, shape ``[n, d_v]``."""
+    """An adjoint solver: returns a*(x) at the inner points, shape ``[n, d_v]``.
 
-    #: True when the solver needs the inner model's last hidden features.
-    needs_features: bool = False
+    FuncID calls :meth:`bind` once, then per hypergradient :meth:`prepare` (the inner model's
+    forward passes) and :meth:`solve`. An adjoint that needs more of the inner model than its
+    predictions takes it in :meth:`prepare` and keeps it for the next :meth:`solve` only.
+    """
+
     #: diagnostics of the last solve (adjoint loss, iterations, ...)
     stats: dict[str, float]
 
     def bind(self, inner_model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Attach to the inner model (called once by FuncID)."""
+
+    def prepare(self, inner_model: nn.Module, x_in: Any, x_out: Any) -> tuple[Tensor, Tensor]:
+        """The inner model's predictions at the inner and outer inputs, ``(h(x_in), h(x_out))``
+        (FuncID calls it under ``torch.no_grad``), and whatever else of the inner model the next
+        :meth:`solve` needs, kept until that solve (default: nothing)."""
+        return inner_model(x_in), inner_model(x_out)
 
     @abstractmethod
     def solve(self, prob: AdjointProblem) -> Tensor:
@@ -331,8 +340,6 @@ class LinearAdjoint(Adjoint):
             is large.
     """
 
-    needs_features = True
-
     def __init__(
         self,
         ridge: float = 1e-6,
@@ -351,25 +358,49 @@ class LinearAdjoint(Adjoint):
         self.solver = solver if solver is not None else CG(maxiter=50, tol=1e-10)
         self.solve_dtype = solve_dtype
         self.stats = {}
+        #: the features (z_in, z_out) recorded by :meth:`prepare`, until the next solve
+        self._features: tuple[Tensor, Tensor] | None = None
 
     def bind(self, inner_model: nn.Module) -> None:
         self.head = find_head(inner_model, self._head_spec)
 
-    @contextmanager
-    def capture(self) -> Iterator[list[Tensor]]:
-        """Context in which every forward of the inner model records φ(x) (the head's input)."""
+    def prepare(self, inner_model: nn.Module, x_in: Any, x_out: Any) -> tuple[Tensor, Tensor]:
+        """The predictions, recording φ(x_in) and φ(x_out) (the head's inputs) for the next
+        :meth:`solve`, which releases them."""
         if self.head is None:
             raise RuntimeError("LinearAdjoint is not bound to an inner model (use it via FuncID)")
+        self._features = None
         with FeatureRecorder(self.head) as feats:
-            yield feats
+            v_in = inner_model(x_in)
+            v_out = inner_model(x_out)
+        if len(feats) != 2:
+            raise RuntimeError(
+                f"LinearAdjoint's head ran {len(feats)} times for 2 forward passes: pass "
+                "head= naming the module applied once, to the last hidden features"
+            )
+        self._features = (feats[0].detach(), feats[1].detach())
+        feats.clear()  # the adjoint holds the only references: they go with the solve
+        return v_in, v_out
 
     def solve(self, prob: AdjointProblem) -> Tensor:
-        if prob.z_in is None or prob.z_out is None:
-            raise RuntimeError("LinearAdjoint needs the inner model's features (z_in, z_out)")
+        """a* at the inner points, on the features in ``prob`` (``z_in``, ``z_out``) or, when it
+        has none, those the last :meth:`prepare` recorded (released here)."""
+        features, self._features = self._features, None
+        if prob.z_in is not None and prob.z_out is not None:
+            z_in, z_out = prob.z_in, prob.z_out
+        elif features is not None:
+            z_in, z_out = features
+        else:
+            raise RuntimeError(
+                "LinearAdjoint needs the inner model's features: z_in and z_out in the "
+                "problem, or a prepare() before the solve (FuncID calls it)"
+            )
+        del features
         out_dtype = prob.g_out.dtype
         dt = self.solve_dtype or out_dtype
-        Zo = _Features(prob.z_out, dt)
-        Z = _Features(prob.z_in, dt)
+        Zo = _Features(z_out, dt)
+        Z = _Features(z_in, dt)
+        del z_in, z_out
         if Zo.q != Z.q:
             raise ShapeError(
                 f"inner and outer features differ in size: {Z.q - 1} and {Zo.q - 1} columns"

@@ -92,23 +92,10 @@ class FuncID(ImplicitEstimator):
         x_in = problem.input(inner_batch, "inner")
         x_out = problem.input(outer_batch, "outer")
 
-        # Predictions (and features for a linear adjoint) without any graph to θ.
-        z_in = z_out = None
+        # Predictions without any graph to θ; the adjoint takes what else it needs from the
+        # inner model (LinearAdjoint: the last hidden features) and holds it until its solve.
         with self._phase("forward"), torch.no_grad():
-            if isinstance(self.adjoint, LinearAdjoint):
-                with self.adjoint.capture() as feats:
-                    v_in = self.inner_model(x_in)
-                    v_out = self.inner_model(x_out)
-                if len(feats) != 2:
-                    raise RuntimeError(
-                        f"LinearAdjoint's head ran {len(feats)} times for 2 forward passes: pass "
-                        "head= naming the module applied once, to the last hidden features"
-                    )
-                z_in, z_out = feats[0].detach(), feats[1].detach()
-                feats.clear()  # no other reference: the features go when the solve is done
-            else:
-                v_in = self.inner_model(x_in)
-                v_out = self.inner_model(x_out)
+            v_in, v_out = self.adjoint.prepare(self.inner_model, x_in, x_out)
         v_in = check_pred(v_in, "inner model output").detach()
         v_out = check_pred(v_out, "inner model output").detach()
 
@@ -136,9 +123,9 @@ class FuncID(ImplicitEstimator):
                 hess.check_positive()
 
         with self._phase("solve"):
-            prob = AdjointProblem(x_in, x_out, hess, g_out.detach(), z_in, z_out)
+            prob = AdjointProblem(x_in, x_out, hess, g_out.detach())
             a_in = self.adjoint.solve(prob)
-            del prob, z_in, z_out
+            del prob
         check_finite_tensors(
             [a_in],
             f"the adjoint ({type(self.adjoint).__name__}) values",
