@@ -456,13 +456,15 @@ def check_worker(cfg: dict[str, Any], width: int) -> dict[str, Any]:
     ):
         aid = AID(s.inner, s.inner_opt, solver=CG(maxiter=iters, damping=damping), warm_start=False)
         g_aid = aid.hypergradient(s.problem, s.outer, s.inner_batch, s.outer_batch)
+        solve = aid.last_solve
+        assert solve is not None
         call, info = torchopt_call(s, iters, damping)
         g_to = call()
         out[name] = {
             "damping": damping,
             "maxiter": iters,
-            "funcbo_cg_iterations": aid.solver.info.iterations,
-            "funcbo_cg_residual": aid.solver.info.residual,
+            "funcbo_cg_iterations": solve.iterations,
+            "funcbo_cg_residual": solve.residual,
             "torchopt_hessian_vector_products": info()["hessian_vector_products"],
             "rel_diff": _rel_diff(g_aid, g_to),
         }

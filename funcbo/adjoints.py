@@ -463,10 +463,10 @@ class LinearAdjoint(Adjoint):
                     all_reduce_mean_([out])
                     return (out + lam * W_,)
 
-                solver = self.solver
-                (W,) = solver(op, (M,), x0=(W,), preconditioner=lambda Rs: (precond(Rs[0]),))
-                iters = solver.info.iterations
-                gave_up = getattr(solver.info, "gave_up", False)
+                (W,), info = self.solver(
+                    op, (M,), x0=(W,), preconditioner=lambda Rs: (precond(Rs[0]),)
+                )
+                iters, gave_up = info.iterations, info.gave_up
             A_in = Z.times_t(W).T
             # mean_j ⟨a(x_j), g_j⟩ = −⟨W, M⟩ (M is the mean over every rank's outer points)
             J = 0.5 * (A_in * _hessian_in(H, dt)(A_in)).sum(1).mean() - (W * M).sum()

@@ -6,7 +6,9 @@
   Hessian of a per-sample loss summed over a batch is block diagonal, so one Hessian-vector
   product with a ``[B, d]`` direction yields all B products H_i a_i at once.
 * :class:`CG` and :class:`Neumann`: linear solvers passed as values (``solver=CG(maxiter=10)``),
-  working on tuples of tensors so that parameter-space solves need no flattening.
+  working on tuples of tensors so that parameter-space solves need no flattening. A solver is
+  immutable and keeps no record of its solves: ``x, info = solver(matvec, b)`` returns the
+  solution with its diagnostics (:class:`SolveInfo`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -51,11 +53,12 @@ class SolverGaveUpWarning(RuntimeWarning):
     """A linear solver returned its starting point because no iterate improved on it."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SolveInfo:
-    """What a linear solve did: iterations run, final relative residual (when measured), whether
-    the solver gave up (no progress, so it returned its start) and whether the returned iterate's
-    residual exceeds the start's (``diverged``; only CG without safeguards returns such one)."""
+    """What a linear solve did, returned with its solution (``x, info = solver(matvec, b)``):
+    iterations run, final relative residual (when measured), whether the solver gave up (no
+    progress, so it returned its start) and whether the returned iterate's residual exceeds the
+    start's (``diverged``; only CG without safeguards returns such one)."""
 
     iterations: int = 0
     residual: float = float("nan")
@@ -63,16 +66,17 @@ class SolveInfo:
     diverged: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class CG:
     """Conjugate gradient for A x = b with A symmetric positive definite.
 
+    ``x, info = CG(maxiter=10)(matvec, b, x0)`` returns the solution and a :class:`SolveInfo`.
     Stops after ``maxiter`` iterations or when ‖r‖ ≤ tol·‖b‖. Two safeguards matter for
     parameter-space Hessians of non-convex inner problems, on which plain CG can diverge across
     warm-started outer iterations: a warm start x0 whose residual exceeds ‖b‖ is replaced by
     zero, and if the last iterate's residual exceeds the starting one, the iterate of smallest
     residual is returned instead. When no iterate improves on the start (the solve diverged or
-    broke down at once), the start is returned, ``info.gave_up`` is set and a
+    broke down at once), the start is returned with ``info.gave_up`` set and a
     :class:`SolverGaveUpWarning` is issued: the result is then no solve at all (zero, or the
     warm start), which estimators count and report instead of passing it on silently. Like the
     CG of other implicit-differentiation libraries it does not stop on negative curvature.
@@ -88,7 +92,6 @@ class CG:
     tol: float = 1e-10
     damping: float = 0.0
     safeguards: bool = True
-    info: SolveInfo = field(default_factory=SolveInfo, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.maxiter < 1:
@@ -100,14 +103,13 @@ class CG:
         b: Sequence[Tensor],
         x0: Sequence[Tensor] | None = None,
         preconditioner: MatVec | None = None,
-    ) -> Vec:
+    ) -> tuple[Vec, SolveInfo]:
         b = tuple(b)
         A = matvec if self.damping == 0 else _damped(matvec, self.damping)
         M = preconditioner if preconditioner is not None else (lambda r: r)
         bnorm = tnorm(b)
         if bnorm == 0.0:
-            self.info = SolveInfo(0, 0.0)
-            return tuple(torch.zeros_like(t) for t in b)
+            return tuple(torch.zeros_like(t) for t in b), SolveInfo(0, 0.0)
         x = tuple(torch.zeros_like(t) for t in b)
         r = b
         warm = False
@@ -142,13 +144,12 @@ class CG:
             if res < best_res:
                 best_x, best_res = x, res
         if not self.safeguards:
-            self.info = SolveInfo(it, res / bnorm, diverged=res > start_res)
-            return x
+            return x, SolveInfo(it, res / bnorm, diverged=res > start_res)
         if best_res >= start_res and start_res > self.tol * bnorm:
             # No iterate improved on the start (an indefinite or badly scaled operator, or an
             # immediate breakdown): the solve gave up. Say so; never pass the start off as a
             # solution.
-            self.info = SolveInfo(it, start_res / bnorm, gave_up=True)
+            info = SolveInfo(it, start_res / bnorm, gave_up=True)
             warnings.warn(
                 f"CG gave up: after {it} iteration(s) no iterate had a smaller residual than the "
                 f"start (relative residual {start_res / bnorm:.3g}); returning the start "
@@ -157,18 +158,16 @@ class CG:
                 SolverGaveUpWarning,
                 stacklevel=2,
             )
-            return best_x
+            return best_x, info
         if res > start_res:
             # Diverging (an indefinite or nearly singular operator): fall back to the iterate
             # with the smallest residual. Otherwise keep the last iterate, which CG makes
             # optimal in the A-norm on positive definite operators.
-            self.info = SolveInfo(it, best_res / bnorm)
-            return best_x
-        self.info = SolveInfo(it, res / bnorm)
-        return x
+            return best_x, SolveInfo(it, best_res / bnorm)
+        return x, SolveInfo(it, res / bnorm)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Neumann:
     """Truncated Neumann series / Richardson iteration for A x = b.
 
@@ -178,7 +177,6 @@ class Neumann:
 
     iters: int = 10
     lr: float = 0.1
-    info: SolveInfo = field(default_factory=SolveInfo, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.lr <= 0:
@@ -190,17 +188,16 @@ class Neumann:
         b: Sequence[Tensor],
         x0: Sequence[Tensor] | None = None,
         preconditioner: MatVec | None = None,
-    ) -> Vec:
+    ) -> tuple[Vec, SolveInfo]:
         b = tuple(b)
         x = tuple(torch.zeros_like(t) for t in b) if x0 is None else tuple(x0)
         for k in range(self.iters):
             r = b if (k == 0 and x0 is None) else taxpy(-1.0, matvec(x), b)
             x = taxpy(self.lr, r, x)
-        self.info = SolveInfo(self.iters, float("nan"))
-        return x
+        return x, SolveInfo(self.iters, float("nan"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Identity:
     """The "solver" that approximates A⁻¹ by a scaled identity: x = scale·b.
 
@@ -209,7 +206,6 @@ class Identity:
     """
 
     scale: float = 1.0
-    info: SolveInfo = field(default_factory=SolveInfo, repr=False, compare=False)
 
     def __call__(
         self,
@@ -217,9 +213,8 @@ class Identity:
         b: Sequence[Tensor],
         x0: Sequence[Tensor] | None = None,
         preconditioner: MatVec | None = None,
-    ) -> Vec:
-        self.info = SolveInfo(0, float("nan"))
-        return tuple(self.scale * t for t in b)
+    ) -> tuple[Vec, SolveInfo]:
+        return tuple(self.scale * t for t in b), SolveInfo(0, float("nan"))
 
 
 Solver = CG | Neumann | Identity

@@ -31,7 +31,7 @@ from funcbo.estimator import (
     trainable,
 )
 from funcbo.inner import InnerSolver, frozen, make_inner_solver
-from funcbo.linalg import CG, Solver, tnorm
+from funcbo.linalg import CG, SolveInfo, Solver, tnorm
 from funcbo.problem import Batch, BilevelProblem, check_finite_tensors, check_pred
 
 
@@ -71,6 +71,8 @@ class AID(ImplicitEstimator):
         self.solver = solver if solver is not None else CG(maxiter=10)
         self.warm_start = warm_start
         self._v: tuple[Tensor, ...] | None = None
+        #: diagnostics of the last linear solve
+        self.last_solve: SolveInfo | None = None
         self.stats: dict[str, float] = {}
 
     def hypergradient(
@@ -107,7 +109,8 @@ class AID(ImplicitEstimator):
             return tuple(out)
 
         x0 = self._v if (self.warm_start and self._v is not None) else None
-        v = self.solver(matvec, g_theta, x0=x0)
+        v, info = self.solver(matvec, g_theta, x0=x0)
+        self.last_solve = info
         self._v = tuple(t.detach() for t in v)
         cross: Sequence[Tensor | None] = [None] * len(omega)
         if omega and G_live:
@@ -118,11 +121,11 @@ class AID(ImplicitEstimator):
             "outer_loss": float(l_out.detach()),
             "inner_loss_at_hypergrad": float(l_in.detach()),
             "grad_norm": grad_norm(out),
-            "solver_iters": float(self.solver.info.iterations),
+            "solver_iters": float(info.iterations),
             # 1 when the linear solve gave up (its start returned: no implicit term this step)
-            "solver_gave_up": float(getattr(self.solver.info, "gave_up", False)),
+            "solver_gave_up": float(info.gave_up),
             # 1 when the returned solution has a larger residual than the start
-            "solver_diverged": float(getattr(self.solver.info, "diverged", False)),
+            "solver_diverged": float(info.diverged),
             "dual_norm": tnorm(v),
         }
         return out

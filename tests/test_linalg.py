@@ -30,10 +30,10 @@ def test_cg_solves_tuple_system_exactly():
     A = _spd(12)
     b = (torch.randn(2, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64))
     cg = CG(maxiter=50, tol=1e-14)
-    x = cg(_split_matvec(A, [6, 6]), b)
+    x, info = cg(_split_matvec(A, [6, 6]), b)
     want = torch.linalg.solve(A, torch.cat([t.reshape(-1) for t in b]))
     assert rel_err(torch.cat([t.reshape(-1) for t in x]), want) <= 1e-10
-    assert 1 <= cg.info.iterations <= 13 and cg.info.residual <= 1e-13
+    assert 1 <= info.iterations <= 13 and info.residual <= 1e-13
 
 
 def test_cg_warm_start_from_solution_takes_no_iteration():
@@ -41,20 +41,36 @@ def test_cg_warm_start_from_solution_takes_no_iteration():
     b = (torch.randn(5, dtype=torch.float64),)
     x = (torch.linalg.solve(A, b[0]),)
     cg = CG(maxiter=10, tol=1e-10)
-    cg(lambda v: (A @ v[0],), b, x0=x)
-    assert cg.info.iterations == 0
+    _, info = cg(lambda v: (A @ v[0],), b, x0=x)
+    assert info.iterations == 0
 
 
 def test_cg_damping_and_preconditioner():
     A = _spd(8, cond=1e4)
     b = (torch.randn(8, dtype=torch.float64),)
-    x = CG(maxiter=100, tol=1e-14, damping=0.5)(lambda v: (A @ v[0],), b)
+    x, _ = CG(maxiter=100, tol=1e-14, damping=0.5)(lambda v: (A @ v[0],), b)
     want = torch.linalg.solve(A + 0.5 * torch.eye(8, dtype=torch.float64), b[0])
     assert rel_err(x[0], want) <= 1e-10
     Ainv = torch.linalg.inv(A)
     cg = CG(maxiter=100, tol=1e-12)
-    cg(lambda v: (A @ v[0],), b, preconditioner=lambda r: (Ainv @ r[0],))
-    assert cg.info.iterations <= 2
+    _, info = cg(lambda v: (A @ v[0],), b, preconditioner=lambda r: (Ainv @ r[0],))
+    assert info.iterations <= 2
+
+
+def test_solvers_are_immutable_values_that_return_their_diagnostics():
+    import dataclasses
+
+    from funcbo.linalg import SolveInfo
+
+    cg = CG(maxiter=3)
+    b = (torch.ones(3, dtype=torch.float64),)
+    out = cg(lambda v: v, b)
+    assert isinstance(out[1], SolveInfo) and cg == CG(maxiter=3)
+    for solver in (cg, Neumann(), Identity()):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            solver.maxiter = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out[1].iterations = 5  # type: ignore[misc]
 
 
 def test_cg_non_finite_product_raises():
@@ -66,14 +82,16 @@ def test_neumann_converges_and_identity_is_b():
     A = _spd(6, cond=3.0)
     b = (torch.randn(6, dtype=torch.float64),)
     lr = 1.0 / 3.0
-    x = Neumann(iters=400, lr=lr)(lambda v: (A @ v[0],), b)
+    x, info = Neumann(iters=400, lr=lr)(lambda v: (A @ v[0],), b)
+    assert info.iterations == 400
     assert rel_err(x[0], torch.linalg.solve(A, b[0])) <= 1e-10
     # From x0 = 0 it is the truncated series lr·Σ_k (I − lr·A)^k b.
-    x3 = Neumann(iters=3, lr=lr)(lambda v: (A @ v[0],), b)
+    x3, _ = Neumann(iters=3, lr=lr)(lambda v: (A @ v[0],), b)
     M = torch.eye(6, dtype=torch.float64) - lr * A
     series = lr * (b[0] + M @ b[0] + M @ M @ b[0])
     assert rel_err(x3[0], series) <= 1e-12
-    assert Identity(scale=2.0)(lambda v: v, b)[0].equal(2.0 * b[0])
+    x, info = Identity(scale=2.0)(lambda v: v, b)
+    assert x[0].equal(2.0 * b[0]) and info.iterations == 0
 
 
 def _softmax_ridge(v, mu=0.1):
@@ -162,7 +180,7 @@ def test_cg_discards_a_warm_start_worse_than_zero():
     b = (torch.randn(6, dtype=torch.float64),)
     bad = (1e6 * torch.randn(6, dtype=torch.float64),)
     cg = CG(maxiter=50, tol=1e-12)
-    x = cg(lambda v: (A @ v[0],), b, x0=bad)
+    x, _ = cg(lambda v: (A @ v[0],), b, x0=bad)
     assert rel_err(x[0], torch.linalg.solve(A, b[0])) <= 1e-8
 
 
@@ -170,10 +188,10 @@ def test_cg_on_indefinite_operator_returns_smallest_residual_iterate():
     A = torch.diag(torch.tensor([1.0, 1e-9, -1.0], dtype=torch.float64))
     b = (torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64),)
     cg = CG(maxiter=10)
-    x = cg(lambda v: (A @ v[0],), b)
+    x, info = cg(lambda v: (A @ v[0],), b)
     r = b[0] - A @ x[0]
     assert float(r.norm()) <= float(b[0].norm())  # never worse than x = 0
-    assert cg.info.residual == pytest.approx(float(r.norm() / b[0].norm()))
+    assert info.residual == pytest.approx(float(r.norm() / b[0].norm()))
 
 
 def _diag_matvec(d):
@@ -189,14 +207,14 @@ def test_cg_that_makes_no_progress_says_so():
     b = (torch.tensor([1.0, 2.0], dtype=torch.float64),)
     cg = CG(maxiter=1)
     with pytest.warns(SolverGaveUpWarning, match="gave up"):
-        (x,) = cg(_diag_matvec(d), b)
+        (x,), info = cg(_diag_matvec(d), b)
     assert torch.equal(x, torch.zeros(2, dtype=torch.float64))
-    assert cg.info.gave_up and not cg.info.diverged
-    assert cg.info.residual == pytest.approx(1.0)
+    assert info.gave_up and not info.diverged
+    assert info.residual == pytest.approx(1.0)
     # A solve that converges is not flagged.
     cg = CG(maxiter=2)
-    cg(_diag_matvec(torch.tensor([1.0, 2.0], dtype=torch.float64)), b)
-    assert not cg.info.gave_up and cg.info.residual < 1e-12
+    _, info = cg(_diag_matvec(torch.tensor([1.0, 2.0], dtype=torch.float64)), b)
+    assert not info.gave_up and info.residual < 1e-12
 
 
 def test_cg_without_safeguards_is_textbook_cg():
@@ -204,13 +222,13 @@ def test_cg_without_safeguards_is_textbook_cg():
     d = torch.tensor([1.0, -1.0], dtype=torch.float64)
     b = (torch.tensor([1.0, 2.0], dtype=torch.float64),)
     cg = CG(maxiter=1, safeguards=False)
-    (x,) = cg(_diag_matvec(d), b)
+    (x,), info = cg(_diag_matvec(d), b)
     assert torch.allclose(x, (5.0 / -3.0) * b[0], atol=0, rtol=1e-15)
-    assert cg.info.diverged and not cg.info.gave_up
+    assert info.diverged and not info.gave_up
     # The warm start is always taken, even one worse than zero.
     x0 = (torch.tensor([10.0, -10.0], dtype=torch.float64),)
     cg = CG(maxiter=1, safeguards=False)
-    (x,) = cg(_diag_matvec(d), b, x0=x0)
+    (x,), _ = cg(_diag_matvec(d), b, x0=x0)
     r0 = b[0] - d * x0[0]
     p = r0
     alpha = (r0 @ r0) / (p @ (d * p))

@@ -387,14 +387,11 @@ class AIDMethod(EstimatorMethod):
     solver: CG | Neumann | Identity = field(default_factory=_default_cg)
 
     def _build(self, context: BuildContext) -> HypergradientEstimator:
-        # A fresh solver per build: a solver value records its last solve.
-        kwargs = {name: getattr(self.solver, name) for name in value_fields(self.solver)}
-        solver = type(self.solver)(**kwargs)
         return AID(
             context.inner_model,
             self._inner_opt(context),
             self.inner_steps,
-            solver=solver,
+            solver=self.solver,
             inner_solver=context.inner_solver,
         )
 
