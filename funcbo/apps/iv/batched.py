@@ -1,0 +1,364 @@
+"""IV runs as a batch dimension: R seeds of one method advanced in lockstep in one process.
+
+Every run keeps its own data, networks, optimizer state and linear algebra; only the storage is
+shared. The networks of R runs become one :class:`StackedNet` whose tensors have a leading run
+axis (``[R, out, in]`` weights, ``baddbmm`` for the layers): one batched matrix product per
+layer instead of R small ones, the same FLOPs. Spectral norm keeps its power-iteration vectors
+per run and iterates them exactly when torch's parametrization would (once per forward pass in
+training mode). Adam's moments and step counts are per run (:class:`StackedAdam`). The ridge
+fits, the closed-form adjoint and its Cholesky factors are batched solves, one system per run
+(``*_ex`` variants, so that a run whose system breaks down gets NaN alone instead of an error
+for the batch).
+
+Batched methods (:data:`BATCHED_KINDS`), on designs without covariates (dSprites):
+
+* ``dfiv``: :meth:`~funcbo.apps.iv.dfiv.DFIV.step` run by run;
+* ``funcid_linear`` with the paper's ``inner_solver: ridge_head`` and the closed-form outcome
+  head: :class:`~funcbo.apps.iv.inner.RidgeHeadInnerSolver`'s feature steps, the output-Hessian
+  isotropy probe per run (two fixed Rademacher probes, as :class:`funcbo.linalg.OutputHessian`),
+  :class:`funcbo.LinearAdjoint`'s exact solve for isotropic Hessians, the cross term B a and the
+  outer Adam step.
+
+Exactness: from the same state and the same sampled data, run r of a batched step equals the step
+:class:`~funcbo.apps.iv.task.IVTask` takes alone (``tests/test_iv_batched.py``: float64, ≤ 1e-10).
+The spectral-norm vectors advance as in the unbatched step: the feature network iterates once
+per training-mode forward, ψ once for the Hessian probe and once for the cross term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrize
+
+from funcbo.apps.iv.networks import Standardize
+
+#: IV method kinds with a batched step
+BATCHED_KINDS = ("dfiv", "funcid_linear")
+
+
+# ------------------------------------------------------------------------------ stacked nets
+class _Layer:
+    """One layer of a :class:`StackedNet`: a kind and its stacked tensors."""
+
+    def __init__(self, kind: str, **kw: Any) -> None:
+        self.kind = kind
+        self.__dict__.update(kw)
+
+
+class StackedNet:
+    """R networks of one architecture as tensors with a leading run axis.
+
+    Supported layers (those of :mod:`funcbo.apps.iv.networks`): ``nn.Linear`` (optionally with
+    torch's spectral-norm parametrization), ``nn.ReLU``, ``nn.Tanh``, ``nn.LayerNorm`` and
+    :class:`~funcbo.apps.iv.networks.Standardize`, in ``nn.Sequential`` containers.
+
+    Args:
+        nets: the R networks (same architecture); their values are copied, and
+            :meth:`write_run` / :meth:`read_run` copy run r back and forth.
+    """
+
+    def __init__(self, nets: Sequence[nn.Module]) -> None:
+        if not nets:
+            raise ValueError("StackedNet needs at least one network")
+        self.runs = len(nets)
+        flat = [_flatten(n) for n in nets]
+        if len({len(f) for f in flat}) != 1:
+            raise ValueError("StackedNet: the networks differ in their number of layers")
+        self.layers: list[_Layer] = []
+        #: stacked parameters (leaves requiring gradients), in the order of ``_origin[r]``
+        self.params: list[Tensor] = []
+        self._origin: list[list[Tensor]] = [[] for _ in nets]  # run r's parameters
+        self._buffers: list[tuple[_Layer, str, list[Tensor]]] = []  # (layer, attr, per run)
+
+        def stack_param(tensors: list[Tensor]) -> Tensor:
+            p = torch.stack([t.detach() for t in tensors]).requires_grad_(True)
+            self.params.append(p)
+            for r, t in enumerate(tensors):
+                self._origin[r].append(t)
+            return p
+
+        def stack_buffer(layer: _Layer, attr: str, tensors: list[Tensor]) -> None:
+            setattr(layer, attr, torch.stack([t.detach() for t in tensors]))
+            self._buffers.append((layer, attr, tensors))
+
+        for mods in zip(*flat, strict=True):
+            m0 = mods[0]
+            # (a parametrized module's class is made per instance: compare the plain class)
+            if any(_plain_type(m) is not _plain_type(m0) for m in mods):
+                raise ValueError("StackedNet: the networks differ in their layers")
+            if isinstance(m0, nn.Linear):
+                sn = parametrize.is_parametrized(m0, "weight")
+                if sn:
+                    plist = [m.parametrizations.weight for m in mods]  # type: ignore[union-attr]
+                    norms = [pl[0] for pl in plist]
+                    if len(plist[0]) != 1 or type(norms[0]).__name__ != "_SpectralNorm":
+                        raise ValueError(
+                            "StackedNet supports spectral norm as the only parametrization"
+                        )
+                    if norms[0].n_power_iterations != 1 or norms[0].dim != 0:
+                        raise ValueError(
+                            "StackedNet supports spectral norm with 1 iteration, dim 0"
+                        )
+                    weights = [pl.original for pl in plist]
+                else:
+                    weights = [m.weight for m in mods]
+                layer = _Layer("linear", sn=sn, eps=norms[0].eps if sn else 0.0)
+                layer.weight = stack_param(weights)
+                layer.bias = None if m0.bias is None else stack_param([m.bias for m in mods])
+                if sn:
+                    stack_buffer(layer, "u", [n._u for n in norms])
+                    stack_buffer(layer, "v", [n._v for n in norms])
+            elif isinstance(m0, nn.LayerNorm):
+                if len(m0.normalized_shape) != 1:
+                    raise ValueError("StackedNet supports LayerNorm over the last axis only")
+                layer = _Layer("layernorm", shape=tuple(m0.normalized_shape), eps=m0.eps)
+                layer.weight = None if m0.weight is None else stack_param([m.weight for m in mods])
+                layer.bias = None if m0.bias is None else stack_param([m.bias for m in mods])
+            elif isinstance(m0, Standardize):
+                layer = _Layer("standardize")
+                stack_buffer(layer, "mean", [m.mean for m in mods])
+                stack_buffer(layer, "std", [m.std for m in mods])
+            elif isinstance(m0, (nn.ReLU, nn.Tanh)):
+                layer = _Layer("relu" if isinstance(m0, nn.ReLU) else "tanh")
+            else:
+                raise ValueError(f"StackedNet does not support {type(m0).__name__} layers")
+            self.layers.append(layer)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, x: Tensor, *, training: bool) -> Tensor:
+        """The R networks on ``x`` ``[R, B, in]`` → ``[R, B, out]``; ``training``: spectral
+        norms take one power iteration first (as torch's parametrization in training mode)."""
+        for layer in self.layers:
+            k = layer.kind
+            if k == "linear":
+                W = self._weight(layer, training)
+                if layer.bias is None:
+                    x = torch.bmm(x, W.transpose(1, 2))
+                else:
+                    x = torch.baddbmm(layer.bias[:, None, :], x, W.transpose(1, 2))
+            elif k == "relu":
+                x = torch.relu(x)
+            elif k == "tanh":
+                x = torch.tanh(x)
+            elif k == "layernorm":
+                x = F.layer_norm(x, layer.shape, eps=layer.eps)
+                if layer.weight is not None:
+                    x = x * layer.weight[:, None, :]
+                if layer.bias is not None:
+                    x = x + layer.bias[:, None, :]
+            else:  # standardize
+                x = (x - layer.mean[:, None]) / layer.std[:, None]
+        return x
+
+    def power_iteration(self) -> None:
+        """One power iteration of every spectral norm (what a training-mode forward does)."""
+        with torch.no_grad():
+            for layer in self.layers:
+                if layer.kind == "linear" and layer.sn:
+                    self._power(layer)
+
+    def _power(self, layer: _Layer) -> None:
+        with torch.no_grad():
+            W = layer.weight
+            layer.u = F.normalize(torch.bmm(W, layer.v[:, :, None])[:, :, 0], dim=1, eps=layer.eps)
+            layer.v = F.normalize(
+                torch.bmm(W.transpose(1, 2), layer.u[:, :, None])[:, :, 0], dim=1, eps=layer.eps
+            )
+
+    def _weight(self, layer: _Layer, training: bool) -> Tensor:
+        W = layer.weight
+        if not layer.sn:
+            return W
+        if training:
+            self._power(layer)
+        sigma = (layer.u * torch.bmm(W, layer.v[:, :, None])[:, :, 0]).sum(1)
+        return W / sigma[:, None, None]
+
+    # ------------------------------------------------------------------ run r in and out
+    def write_run(self, run: int) -> None:
+        """Copy run ``run``'s values into its own network."""
+        with torch.no_grad():
+            for p, orig in zip(self.params, self._origin[run], strict=True):
+                orig.copy_(p[run])
+            for layer, attr, tensors in self._buffers:
+                tensors[run].copy_(getattr(layer, attr)[run])
+
+    def read_run(self, run: int) -> None:
+        """Copy run ``run``'s own network into the stack."""
+        with torch.no_grad():
+            for p, orig in zip(self.params, self._origin[run], strict=True):
+                p[run].copy_(orig)
+            for layer, attr, tensors in self._buffers:
+                getattr(layer, attr)[run].copy_(tensors[run])
+
+    def origin(self, run: int) -> list[Tensor]:
+        """Run ``run``'s own parameters, aligned with :attr:`params`."""
+        return self._origin[run]
+
+
+def _plain_type(module: nn.Module) -> type:
+    cls = type(module)
+    return cls.__mro__[1] if parametrize.is_parametrized(module) else cls
+
+
+def _flatten(module: nn.Module) -> list[nn.Module]:
+    if isinstance(module, nn.Sequential):
+        return [m for child in module for m in _flatten(child)]
+    return [module]
+
+
+# ------------------------------------------------------------------------------ optimizer
+class StackedAdam:
+    """``torch.optim.Adam`` (coupled weight decay) over stacked tensors, one optimizer per run.
+
+    Run r's learning rate, weight decay, ε and step count are its own: the update is
+    elementwise, so run r's slice follows exactly the steps of its own ``torch.optim.Adam``.
+
+    Args:
+        params: stacked tensors ``[R, ...]``.
+        optimizers: the R runs' own Adam optimizers (hyperparameters read from their single
+            parameter group; :meth:`write_run` / :meth:`read_run` exchange their state).
+        origins: run r's own parameters aligned with ``params`` (the keys of its state).
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        origins: Sequence[Sequence[Tensor]],
+    ) -> None:
+        self.params = params
+        self.optimizers = list(optimizers)
+        self.origins = [list(o) for o in origins]
+        groups = []
+        for opt in self.optimizers:
+            if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
+                raise ValueError("batched IV runs need Adam optimizers with one parameter group")
+            g = opt.param_groups[0]
+            if g["amsgrad"] or g["maximize"]:
+                raise ValueError("batched IV runs do not support Adam's amsgrad or maximize")
+            groups.append(g)
+        if len({tuple(g["betas"]) for g in groups}) != 1:
+            raise ValueError("the runs of a batch must share Adam's betas")
+        self.betas = tuple(groups[0]["betas"])
+        dt = params[0].dtype
+        dev = params[0].device
+
+        def per_run(key: str) -> Tensor:
+            return torch.tensor([float(g[key]) for g in groups], dtype=torch.float64, device=dev)
+
+        self.lr, self.weight_decay, self.eps = (
+            per_run("lr"),
+            per_run("weight_decay"),
+            per_run("eps"),
+        )
+        self.dtype = dt
+        self.step_count = torch.zeros(len(groups), dtype=torch.float64, device=dev)
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[Tensor]) -> None:
+        """One Adam step of every run with these stacked gradients."""
+        b1, b2 = self.betas
+        self.step_count += 1
+        bc1 = 1.0 - b1**self.step_count
+        bc2_sqrt = (1.0 - b2**self.step_count).sqrt()
+        step_size = self.lr / bc1
+
+        def col(t: Tensor, p: Tensor) -> Tensor:
+            return t.to(p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
+
+        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
+            if bool((self.weight_decay != 0).any()):
+                g = g + col(self.weight_decay, p) * p
+            m.lerp_(g, 1.0 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            denom = (v.sqrt() / col(bc2_sqrt, p)).add_(col(self.eps, p))
+            p.sub_(m.div(denom).mul_(col(step_size, p)))
+
+    def write_run(self, run: int) -> None:
+        """Write run ``run``'s moments and step count into its own optimizer's state."""
+        opt = self.optimizers[run]
+        steps = float(self.step_count[run])
+        for orig, m, v in zip(self.origins[run], self.exp_avg, self.exp_avg_sq, strict=True):
+            if steps == 0:
+                opt.state.pop(orig, None)
+                continue
+            opt.state[orig] = {
+                "step": torch.tensor(steps, dtype=_step_dtype()),
+                "exp_avg": m[run].detach().clone(),
+                "exp_avg_sq": v[run].detach().clone(),
+            }
+
+    def read_run(self, run: int) -> None:
+        """Read run ``run``'s moments and step count from its own optimizer's state."""
+        opt = self.optimizers[run]
+        steps = 0.0
+        with torch.no_grad():
+            for orig, m, v in zip(self.origins[run], self.exp_avg, self.exp_avg_sq, strict=True):
+                st = opt.state.get(orig)
+                if not st:
+                    m[run].zero_()
+                    v[run].zero_()
+                    continue
+                m[run].copy_(st["exp_avg"])
+                v[run].copy_(st["exp_avg_sq"])
+                steps = float(st["step"])
+        self.step_count[run] = steps
+
+
+def _step_dtype() -> torch.dtype:
+    # torch.optim.Adam's step counter: float64 under a float64 default dtype, else float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------ linear algebra
+def add_intercept(F_: Tensor) -> Tensor:
+    """[F, 1] for stacked features ``[R, n, p]``."""
+    return torch.cat([F_, F_.new_ones(*F_.shape[:-1], 1)], dim=-1)
+
+
+def ridge_fit(features: Tensor, target: Tensor, lam: float) -> Tensor:
+    """Run by run :func:`funcbo.apps.iv.ridge.ridge_fit`: W = (F̄ᵀF̄/n + λI)⁻¹F̄ᵀY/n,
+    ``[R, p + 1, k]`` (a run whose system is singular gets non-finite values, not an error)."""
+    Fb = add_intercept(features)
+    n, q = Fb.shape[1], Fb.shape[2]
+    S = Fb.mT @ Fb / n + lam * torch.eye(q, dtype=Fb.dtype, device=Fb.device)
+    W, _ = torch.linalg.solve_ex(S, Fb.mT @ target / n)
+    return W
+
+
+def ridge_predict(features: Tensor, weight: Tensor) -> Tensor:
+    """F̄ W, run by run."""
+    return add_intercept(features) @ weight
+
+
+def ridge_objective(features: Tensor, target: Tensor, weight: Tensor, lam: float) -> Tensor:
+    """(1/n)‖Y − F̄W‖² + λ‖W‖² per run, ``[R]``."""
+    r = target - ridge_predict(features, weight)
+    return (r**2).sum(2).mean(1) + lam * (weight**2).sum((1, 2))
+
+
+def grad_norms(grads: Sequence[Tensor]) -> Tensor:
+    """Per-run Euclidean norm of stacked gradients, ``[R]`` (float64)."""
+    total = sum((g.detach().double() ** 2).flatten(1).sum(1) for g in grads)
+    assert isinstance(total, Tensor)
+    return total.sqrt()
+
+
+__all__ = [
+    "BATCHED_KINDS",
+    "StackedAdam",
+    "StackedNet",
+    "add_intercept",
+    "grad_norms",
+    "ridge_fit",
+    "ridge_objective",
+    "ridge_predict",
+]

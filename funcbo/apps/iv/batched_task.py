@@ -1,0 +1,429 @@
+"""Several IV runs (seeds of one method) as one batched task (``batch_seeds: true``).
+
+:class:`IVBatchTask` builds every run's :class:`~funcbo.apps.iv.task.IVTask` as an unbatched
+run would (its data, networks initialised from its seed, optimizers, batch generator), then
+stacks their networks, data and optimizer states (:mod:`funcbo.apps.iv.batched`) and advances
+all runs in lockstep. Batches are drawn from each run's own generator in the order its trainer
+would draw them. A run's :meth:`~IVBatchTask.state_dict` is its own task's state dict (the stack
+copied back into its networks and optimizers first), so a batched checkpoint holds exactly what
+an unbatched one does; evaluation runs each run's own networks.
+
+Methods without a batched step (:data:`~funcbo.apps.iv.batched.BATCHED_KINDS` lists those
+with one) are refused: :func:`batch_key` raises a :class:`~funcbo.experiments.config.ConfigError`
+naming the method before anything runs (``funcbo run`` without ``--batch-seeds`` runs them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from funcbo.apps.iv.batched import (
+    BATCHED_KINDS,
+    StackedAdam,
+    StackedNet,
+    add_intercept,
+    grad_norms,
+    ridge_fit,
+    ridge_objective,
+    ridge_predict,
+)
+from funcbo.apps.iv.config import (
+    DFIVMethod,
+    IVFuncIDLinear,
+    RidgeHead,
+    as_method_config,
+    as_problem_config,
+)
+from funcbo.apps.iv.task import IVTask
+from funcbo.experiments.task import BatchTask, RunSpec
+
+
+def unbatched_reason(spec: RunSpec) -> str | None:
+    """Why a run cannot be batched (None when it can)."""
+    mc = as_method_config(spec.method_config)
+    pc = as_problem_config(spec.problem)
+    kind = getattr(mc, "kind", type(mc).__name__)
+    if kind not in BATCHED_KINDS:
+        return f"kind {kind} has no batched IV step (batched kinds: {', '.join(BATCHED_KINDS)})"
+    if pc.dataset != "dsprites":
+        return "only the dSprites design (no covariates) is batched"
+    if isinstance(mc, IVFuncIDLinear):
+        if not isinstance(mc.inner_solver, RidgeHead):
+            return "funcid_linear is batched with the paper's inner_solver: ridge_head only"
+        if (mc.head or pc.head) != "closed_form":
+            return "funcid_linear is batched with the closed-form outcome head only"
+    opts = [getattr(mc, n, "adam") for n in ("inner_optimizer", "outer_optimizer")]
+    if any(o.lower() != "adam" for o in opts):
+        return "batched IV runs use Adam optimizers only"
+    return None
+
+
+def batch_key(spec: RunSpec) -> Any:
+    """Runs with equal keys share a batch: one method variant and problem (so one shape), the
+    seeds varying. Raises :class:`~funcbo.experiments.config.ConfigError` for a method without
+    a batched step (module docstring)."""
+    reason = unbatched_reason(spec)
+    if reason is not None:
+        from funcbo.experiments.config import ConfigError
+
+        raise ConfigError(
+            f"--batch-seeds / batch_seeds: method {spec.method!r} cannot be batched: {reason}; "
+            "run it without batch_seeds (e.g. a second `funcbo run` with --methods)"
+        )
+    return (
+        spec.method,
+        repr(spec.method_config),
+        repr(spec.problem),
+        spec.iterations,
+        spec.eval_every,
+        spec.device,
+        spec.dtype,
+    )
+
+
+class IVBatchTask(BatchTask):
+    """R runs of one IV method (seeds; see the module docstring).
+
+    Args:
+        specs: the runs (one method and problem; seeds differ).
+        tasks: the runs' tasks when already built (tests); default: built from ``specs``.
+    """
+
+    def __init__(self, specs: list[RunSpec], *, tasks: list[IVTask] | None = None) -> None:
+        if not specs:
+            raise ValueError("a batch needs at least one run")
+        for s in specs:
+            reason = unbatched_reason(s)
+            if reason is not None:
+                raise ValueError(f"method {s.method!r} cannot be batched: {reason}")
+        first = specs[0]
+        if any(
+            (s.iterations, s.eval_every, s.dtype, s.device)
+            != (first.iterations, first.eval_every, first.dtype, first.device)
+            for s in specs
+        ):
+            raise ValueError("runs of one batch must share iterations, eval_every, dtype, device")
+        self.iterations = int(first.iterations)
+        self.tasks = tasks if tasks is not None else [IVTask(s) for s in specs]
+        self.runs = R = len(self.tasks)
+        t0 = self.tasks[0]
+        self.config = t0.config
+        self.method = t0.method
+        self.is_dfiv = isinstance(self.method, DFIVMethod)
+        # Data: one stacked copy; each run's tensors become views of it.
+        self.stage1 = _stack_parts([t.tensors.stage1 for t in self.tasks])
+        self.stage2 = _stack_parts([t.tensors.stage2 for t in self.tasks])
+        for r, t in enumerate(self.tasks):
+            t.tensors.stage1 = {k: v[r] for k, v in self.stage1.items()}
+            t.tensors.stage2 = {k: v[r] for k, v in self.stage2.items()}
+        self.psi = StackedNet([t.outer.treatment for t in self.tasks])
+        self.phi = StackedNet([t.inner.features for t in self.tasks])
+        self.lam1, self.lam2 = self.config.stage1_ridge, self.config.stage2_ridge
+        if self.is_dfiv:
+            dfivs = [t.dfiv for t in self.tasks]
+            assert all(d is not None for d in dfivs)
+            self.stage1_steps = dfivs[0].stage1_steps  # type: ignore[union-attr]
+            self.stage2_steps = dfivs[0].stage2_steps  # type: ignore[union-attr]
+            self.inner_steps = dfivs[0].inner_steps  # type: ignore[union-attr]
+            self.phi_opt = StackedAdam(
+                self.phi.params,
+                [d.instrument_optimizer for d in dfivs],  # type: ignore[union-attr]
+                [self.phi.origin(r) for r in range(R)],
+            )
+            self.psi_opt = StackedAdam(
+                self.psi.params,
+                [d.treatment_optimizer for d in dfivs],  # type: ignore[union-attr]
+                [self.psi.origin(r) for r in range(R)],
+            )
+        else:
+            ests = [t.estimator for t in self.tasks]
+            inner = [e.inner for e in ests]  # type: ignore[union-attr]
+            adj = ests[0].adjoint  # type: ignore[union-attr]
+            self.inner_steps = int(inner[0].steps)
+            self.inner_ridge = float(inner[0].ridge)
+            self.adjoint_ridge = float(adj.ridge)
+            self.adjoint_relative = bool(adj.relative)
+            self.solve_dtype = adj.solve_dtype
+            self.phi_opt = StackedAdam(
+                self.phi.params,
+                [s.optimizer for s in inner],
+                [self.phi.origin(r) for r in range(R)],
+            )
+            self.psi_opt = StackedAdam(
+                self.psi.params,
+                [t.outer_optimizer for t in self.tasks],  # type: ignore[misc]
+                [self.psi.origin(r) for r in range(R)],
+            )
+            heads = [t.inner.head for t in self.tasks]
+            self.head_weight = torch.stack([h.weight.detach() for h in heads])
+            self.head_bias = torch.stack([h.bias.detach() for h in heads])
+            self.gave_up_total = torch.zeros(R, dtype=torch.float64)
+        for r in range(R):
+            self._read(r)
+
+    # ------------------------------------------------------------------ state in and out
+    def _read(self, r: int) -> None:
+        self.psi.read_run(r)
+        self.phi.read_run(r)
+        self.psi_opt.read_run(r)
+        self.phi_opt.read_run(r)
+        if not self.is_dfiv:
+            head = self.tasks[r].inner.head
+            with torch.no_grad():
+                self.head_weight[r].copy_(head.weight)
+                self.head_bias[r].copy_(head.bias)
+            self.gave_up_total[r] = float(self.tasks[r].solver_gave_up_total)
+
+    def _write(self, r: int) -> None:
+        self.psi.write_run(r)
+        self.phi.write_run(r)
+        self.psi_opt.write_run(r)
+        self.phi_opt.write_run(r)
+        if not self.is_dfiv:
+            head = self.tasks[r].inner.head
+            with torch.no_grad():
+                head.weight.copy_(self.head_weight[r])
+                head.bias.copy_(self.head_bias[r])
+            self.tasks[r].solver_gave_up_total = int(self.gave_up_total[r])
+
+    def state_dict(self, run: int) -> dict[str, Any]:
+        self._write(run)
+        return self.tasks[run].state_dict()
+
+    def load_state_dict(self, run: int, state: dict[str, Any]) -> None:
+        self.tasks[run].load_state_dict(state)
+        self._read(run)
+
+    def evaluate(self) -> list[dict[str, float]]:
+        out = []
+        for r, t in enumerate(self.tasks):
+            self._write(r)
+            out.append(t.evaluate())
+        return out
+
+    # ------------------------------------------------------------------ batches
+    def _draw(self) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """The stacked inner batches and outer batch, drawn from every run's own generator in
+        its trainer's order (no draw, and the stacked halves themselves, for full batches)."""
+        pc = self.config
+        n1 = next(iter(self.stage1.values())).shape[1]
+        n2 = next(iter(self.stage2.values())).shape[1]
+        full1 = pc.inner_batch_size is None or pc.inner_batch_size >= n1
+        full2 = pc.outer_batch_size is None or pc.outer_batch_size >= n2
+        if full1 and full2:
+            return [self.stage1] * self.inner_steps, self.stage2
+        per_run = []
+        for t in self.tasks:
+            inner = [t.inner_batch() for _ in range(self.inner_steps)]
+            per_run.append((inner, t.outer_batch()))
+        if full1:
+            inner_b = [self.stage1] * self.inner_steps
+        else:
+            inner_b = [_stack_parts([p[0][k] for p in per_run]) for k in range(self.inner_steps)]
+        outer_b = self.stage2 if full2 else _stack_parts([p[1] for p in per_run])
+        return inner_b, outer_b
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> dict[str, Any]:
+        inner, outer = self._draw()
+        stats = (
+            self._dfiv_step(inner, outer)
+            if self.is_dfiv
+            else self._funcid_linear_step(inner, outer)
+        )
+        for t in self.tasks:
+            t.trainer.iteration += 1
+        return stats
+
+    def _dfiv_step(self, batches: list[dict[str, Tensor]], stage2: dict[str, Tensor]) -> dict:
+        """:meth:`funcbo.apps.iv.dfiv.DFIV.step`, run by run."""
+        psi, phi = self.psi, self.phi
+        targets: dict[int, Tensor] = {}
+        l1 = torch.full((self.runs,), float("nan"), dtype=torch.float64)
+        for k in range(self.stage1_steps):
+            b = batches[k % len(batches)]
+            if id(b) not in targets:
+                with torch.no_grad():
+                    targets[id(b)] = psi(b["t"], training=False)
+            features = phi(b["z"], training=True)
+            loss = ridge_objective(
+                features, targets[id(b)], ridge_fit(features, targets[id(b)], self.lam1), self.lam1
+            )
+            grads = torch.autograd.grad(loss.sum(), phi.params)
+            self.phi_opt.step(grads)
+            l1 = loss.detach().double()
+        b1 = batches[-1]
+        l2 = torch.full((self.runs,), float("nan"), dtype=torch.float64)
+        gnorm = torch.zeros(self.runs, dtype=torch.float64)
+        for _ in range(self.stage2_steps):
+            with torch.no_grad():
+                phi1 = phi(b1["z"], training=False)
+                phi2 = phi(stage2["z"], training=False)
+            W1 = ridge_fit(phi1, psi(b1["t"], training=True), self.lam1)
+            V2 = ridge_predict(phi2, W1)
+            y = stage2["y"]
+            loss = ridge_objective(V2, y, ridge_fit(V2, y, self.lam2), self.lam2)
+            grads = torch.autograd.grad(loss.sum(), psi.params)
+            gnorm = grad_norms(grads)
+            self.psi_opt.step(grads)
+            l2 = loss.detach().double()
+        return {"inner_loss": l1, "outer_loss": l2, "grad_norm": gnorm}
+
+    def _funcid_linear_step(
+        self, batches: list[dict[str, Tensor]], outer_batch: dict[str, Tensor]
+    ) -> dict[str, Any]:
+        """FuncID with the closed-form adjoint and the ridge-head inner solver, run by run (the
+        IV task's update: inner run, hypergradient, outer Adam step)."""
+        psi, phi = self.psi, self.phi
+        # Inner run (RidgeHeadInnerSolver.run): feature steps through the ridge head.
+        targets: dict[int, Tensor] = {}
+
+        def target(b: dict[str, Tensor]) -> Tensor:
+            if id(b) not in targets:
+                with torch.no_grad():
+                    targets[id(b)] = psi(b["t"], training=False)
+            return targets[id(b)]
+
+        last = torch.full((self.runs,), float("nan"), dtype=torch.float64)
+        for k in range(self.inner_steps):
+            b = batches[k % len(batches)]
+            features = phi(b["z"], training=True)
+            W = ridge_fit(features, target(b), self.inner_ridge)
+            loss = ridge_objective(features, target(b), W, self.inner_ridge)
+            grads = torch.autograd.grad(loss.sum(), phi.params)
+            self.phi_opt.step(grads)
+            last = loss.detach().double()
+        with torch.no_grad():
+            b = batches[(self.inner_steps - 1) % len(batches)]
+            W = ridge_fit(phi(b["z"], training=False), target(b), self.inner_ridge)
+            self.head_weight.copy_(W[:, :-1].mT)
+            self.head_bias.copy_(W[:, -1])
+        # Hypergradient (FuncID.hypergradient with LinearAdjoint) at the last inner batch.
+        b_in = batches[-1]
+        with torch.no_grad():
+            z_in = phi(b_in["z"], training=True)
+            z_out = phi(outer_batch["z"], training=True)
+            v_in = torch.baddbmm(self.head_bias[:, None, :], z_in, self.head_weight.mT)
+            v_out = torch.baddbmm(self.head_bias[:, None, :], z_out, self.head_weight.mT)
+        # g_j = m ∂_v mean ℓ_out (closed-form outcome head; ω does not enter: g_ω = 0)
+        v_out = v_out.detach().requires_grad_(True)
+        y = outer_batch["y"]
+        W2 = ridge_fit(v_out, y, self.lam2)
+        l_out = ((y - ridge_predict(v_out, W2)) ** 2).sum(2) + self.lam2 * (W2**2).sum((1, 2))[
+            :, None
+        ]
+        m = l_out.shape[1]
+        (g_out,) = torch.autograd.grad(l_out.mean(1).sum(), v_out)
+        g_out = g_out * m
+        # Output Hessians of ℓ_in = ‖ψ(t) − v‖²: the isotropy probe per run (ψ iterates its
+        # spectral norms once, as the probe's forward pass does in the unbatched step).
+        psi.power_iteration()
+        with torch.no_grad():
+            t_fixed = psi(b_in["t"], training=False)
+        c = _isotropic_probe(lambda v: ((t_fixed - v) ** 2).sum(2), v_in)
+        # Closed-form adjoint (LinearAdjoint, isotropic, primal), per run in the solve dtype.
+        a_in, J, lam = self._linear_adjoint(z_in, z_out, g_out.detach(), c)
+        # B a = ∂_ω ⟨∂_v L_in(ω, v), a⟩ at v = h(x_in)
+        v = v_in.clone().requires_grad_(True)
+        l_in = ((psi(b_in["t"], training=True) - v) ** 2).sum(2)
+        (gv,) = torch.autograd.grad(l_in.mean(1).sum(), v, create_graph=True)
+        cross = torch.autograd.grad(gv, psi.params, grad_outputs=a_in)
+        gnorm = grad_norms(cross)
+        self.psi_opt.step(cross)
+        R = self.runs
+        zeros = torch.zeros(R, dtype=torch.float64)
+        return {
+            "outer_loss": l_out.detach().mean(1).double(),
+            "inner_loss_at_hypergrad": l_in.detach().mean(1).double(),
+            "grad_norm": gnorm,
+            "adjoint_loss": J,
+            "adjoint_ridge": lam,
+            "adjoint_cg_iters": zeros.clone(),
+            "adjoint_isotropic": torch.ones(R, dtype=torch.float64),
+            "adjoint_cg_gave_up": zeros.clone(),
+            "inner_loss": last,
+            "solver_gave_up_total": self.gave_up_total.clone(),
+        }
+
+    def _linear_adjoint(
+        self, z_in: Tensor, z_out: Tensor, g_out: Tensor, c: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:class:`funcbo.LinearAdjoint`'s solve for isotropic Hessians H_i = c_i·I, run by
+        run: W = M S⁻¹ with M = −(1/m) Σ_j g_j z̃_jᵀ, S = Z̃ᵀ diag(c/n) Z̃ + λI (Cholesky);
+        returns (a at the inner points, J, λ), J and λ per run."""
+        out_dtype = g_out.dtype
+        dt = self.solve_dtype or out_dtype
+        Z = add_intercept(z_in.to(dt))
+        Zo = add_intercept(z_out.to(dt))
+        G = g_out.to(dt)
+        c = c.to(dt)
+        n, q, m = Z.shape[1], Z.shape[2], Zo.shape[1]
+        if q > n:
+            raise ValueError("batched LinearAdjoint: more features than inner points")
+        M = (G.mT @ Zo) / -m  # [R, d, q]
+        sq = (c / n).sqrt()
+        S = Z.mT @ (Z * sq.square()[:, :, None])
+        if self.adjoint_relative:
+            lam = self.adjoint_ridge * torch.diagonal(S, dim1=1, dim2=2).sum(1) / q
+        else:
+            lam = torch.full((Z.shape[0],), self.adjoint_ridge, dtype=dt)
+        lam = lam.clamp_min(torch.finfo(dt).tiny)
+        S = S + lam[:, None, None] * torch.eye(q, dtype=dt, device=S.device)
+        L, info = torch.linalg.cholesky_ex(S)
+        if bool((info != 0).any()):  # as LinearAdjoint: jitter proportional to the scale
+            bad = info != 0
+            Sb = S[bad]
+            jitter = 1e-10 * torch.diagonal(Sb, dim1=1, dim2=2).abs().mean(1)
+            Sb = Sb + jitter[:, None, None] * torch.eye(q, dtype=dt, device=S.device)
+            L = L.clone()
+            L[bad] = torch.linalg.cholesky_ex(Sb)[0]
+        y = torch.linalg.solve_triangular(L, M.mT, upper=False)
+        W = torch.linalg.solve_triangular(L.mT, y, upper=True).mT
+        A_in = Z @ W.mT  # [R, n, d]
+        J = 0.5 * (c[:, :, None] * A_in.square()).sum(2).mean(1) - (W * M).sum((1, 2))
+        return A_in.to(out_dtype), J.double(), lam.double()
+
+
+def _isotropic_probe(loss: Any, V: Tensor) -> Tensor:
+    """c ``[R, n]`` with H_i = c_i·I for the per-sample loss ``loss(V) -> [R, n]`` of stacked
+    predictions, judged run by run from the two fixed Rademacher probes of
+    :class:`funcbo.linalg.OutputHessian` (the same probe vectors for every run); raises when a
+    run's Hessians are not isotropic (the batched adjoint solves isotropic systems only)."""
+    R, n, d = V.shape
+    gen = torch.Generator().manual_seed(0)
+    P = (2 * torch.randint(0, 2, (2, n, d), generator=gen) - 1).to(V.dtype).to(V.device)
+    v = V.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(v).sum(), v, create_graph=True)
+    HP = torch.stack(
+        [torch.autograd.grad(g, v, grad_outputs=P[k].expand(R, n, d), retain_graph=True)[0]
+         for k in range(2)]
+    )  # fmt: skip
+    Pr = P[:, None].expand(2, R, n, d)
+    c = (Pr * HP).sum(3) / d  # [2, R, n]
+    tol = 1e3 * torch.finfo(V.dtype).eps
+    tiny = torch.finfo(V.dtype).tiny
+    dev = (HP - c[..., None] * Pr).norm(dim=3)
+    scale = HP.norm(dim=3).clamp_min(tiny)
+    same = (c[0] - c[1]).abs() <= tol * c.abs().amax(0).clamp_min(tiny)
+    iso = (dev <= tol * scale).all(0).all(1) & same.all(1)
+    iso |= ~torch.isfinite(HP).flatten(2).all(2).all(0)  # a diverged run fails by its metrics
+    if not bool(iso.all()):
+        runs = (~iso).nonzero().flatten().tolist()
+        raise ValueError(f"batched FuncID: non-isotropic output Hessians in runs {runs}")
+    return c[0]
+
+
+def _stack_parts(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    keys = parts[0].keys()
+    return {k: torch.stack([p[k] for p in parts]) for k in keys}
+
+
+def make_batch_task(specs: list[RunSpec]) -> IVBatchTask:
+    """The experiment layer's factory of batched IV tasks (``batch_seeds``)."""
+    return IVBatchTask(specs)
+
+
+__all__ = ["IVBatchTask", "batch_key", "make_batch_task", "unbatched_reason"]
