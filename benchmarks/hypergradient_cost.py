@@ -81,6 +81,7 @@ from funcbo.memory import (
     peak_bytes,
     reset_peak,
 )
+from funcbo.parametric import AIDStats
 from funcbo.synthetic import mlp
 
 METHODS = ("funcid_linear", "funcid_network", "aid_cg", "torchopt_aid_cg", "itd", "plain_step")
@@ -456,8 +457,8 @@ def check_worker(cfg: dict[str, Any], width: int) -> dict[str, Any]:
     ):
         aid = AID(s.inner, s.inner_opt, solver=CG(maxiter=iters, damping=damping), warm_start=False)
         g_aid = aid.hypergradient(s.problem, s.outer, s.inner_batch, s.outer_batch)
-        solve = aid.last_solve
-        assert solve is not None
+        assert isinstance(aid.diagnostics, AIDStats)
+        solve = aid.diagnostics.solve
         call, info = torchopt_call(s, iters, damping)
         g_to = call()
         out[name] = {

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from funcbo.diagnostics import Diagnostics, Metrics
 from funcbo.distributed import all_reduce_mean_, is_distributed
 from funcbo.errors import ShapeError
-from funcbo.linalg import CG, OutputHessian
+from funcbo.linalg import CG, OutputHessian, SolveInfo
 
 OptimizerLike = torch.optim.Optimizer | Callable[[Any], torch.optim.Optimizer]
 
@@ -50,6 +51,52 @@ class AdjointProblem:
     z_out: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class AdjointStats(Diagnostics):
+    """Diagnostics of one adjoint solve (the metric names are in :meth:`metrics`).
+
+    Attributes:
+        loss: J at the returned adjoint (``adjoint_loss``).
+        loss_first: :class:`NetworkAdjoint`: J before its first step (``adjoint_loss_first``).
+        holdout_loss, best_step: :class:`NetworkAdjoint` with a holdout: the held-out J of the
+            kept iterate and its step (``adjoint_holdout_loss``, ``adjoint_best_step``).
+        ridge: :class:`LinearAdjoint`: λ (``adjoint_ridge``).
+        solve: :class:`LinearAdjoint`: its CG solve, 0 iterations for the closed form
+            (``adjoint_cg_iters``, ``adjoint_cg_gave_up``).
+        isotropic: :class:`LinearAdjoint`: every H_i was a multiple of I
+            (``adjoint_isotropic``).
+    """
+
+    loss: float
+    loss_first: float | None = None
+    holdout_loss: float | None = None
+    best_step: int | None = None
+    ridge: float | None = None
+    solve: SolveInfo | None = None
+    isotropic: bool | None = None
+
+    def metrics(self) -> dict[str, float]:
+        out = {"adjoint_loss": self.loss}
+        if self.loss_first is not None:
+            out["adjoint_loss_first"] = self.loss_first
+        if self.holdout_loss is not None and self.best_step is not None:
+            out["adjoint_holdout_loss"] = self.holdout_loss
+            out["adjoint_best_step"] = float(self.best_step)
+        if self.ridge is not None:
+            out["adjoint_ridge"] = self.ridge
+        if self.solve is not None:
+            out["adjoint_cg_iters"] = float(self.solve.iterations)
+        if self.isotropic is not None:
+            out["adjoint_isotropic"] = float(self.isotropic)
+        if self.solve is not None:
+            out["adjoint_cg_gave_up"] = float(self.solve.gave_up)
+        return out
+
+    @property
+    def solves_gave_up(self) -> int:
+        return int(self.solve is not None and self.solve.gave_up)
+
+
 def adjoint_objective(A_in: Tensor, HA_in: Tensor, A_out: Tensor, g_out: Tensor) -> Tensor:
     """J = ½ mean_i ⟨a_i, H_i a_i⟩ + mean_j ⟨g_j, a_j⟩ given H_i a_i."""
     return 0.5 * (A_in * HA_in).sum(1).mean() + (A_out * g_out).sum(1).mean()
@@ -63,8 +110,18 @@ class Adjoint(ABC):
     predictions takes it in :meth:`prepare` and keeps it for the next :meth:`solve` only.
     """
 
-    #: diagnostics of the last solve (adjoint loss, iterations, ...)
-    stats: dict[str, float]
+    #: diagnostics of the last solve (adjoint loss, iterations, ...; None before the first)
+    diagnostics: Diagnostics | None = None
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The last solve's diagnostics as metrics (empty before the first). An adjoint may also
+        assign a plain dictionary (kept as a :class:`~funcbo.diagnostics.Metrics` record)."""
+        return {} if self.diagnostics is None else self.diagnostics.metrics()
+
+    @stats.setter
+    def stats(self, values: dict[str, float]) -> None:
+        self.diagnostics = Metrics(dict(values))
 
     def bind(self, inner_model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Attach to the inner model (called once by FuncID)."""
@@ -143,7 +200,7 @@ class NetworkAdjoint(Adjoint):
         self.steps = steps
         self.init = init
         self.warm_start = warm_start
-        self.stats = {}
+        self.diagnostics: AdjointStats | None = None
         self._initial_state: dict[str, Tensor] | None = None
         if model is not None:
             self._make_optimizer()
@@ -228,7 +285,7 @@ class NetworkAdjoint(Adjoint):
             opt.step(closure)
             opt.zero_grad(set_to_none=True)
             step += 1
-        holdout_stats: dict[str, float] = {}
+        holdout: tuple[float, int] | None = None
         if x_val is not None and best is not None:
             with torch.no_grad():
                 A_in = model(prob.x_in)
@@ -239,12 +296,17 @@ class NetworkAdjoint(Adjoint):
                 best = (j_last, step, {})
             elif best[2]:
                 model.load_state_dict(best[2])
-            holdout_stats = {"adjoint_holdout_loss": best[0], "adjoint_best_step": float(best[1])}
+            holdout = (best[0], best[1])
         with torch.no_grad():
             A_in = model(prob.x_in)
             A_out = A_in if prob.x_in is prob.x_out else model(prob.x_out)
             J = adjoint_objective(A_in, prob.hessian.matvec(A_in), A_out, g)
-        self.stats = {"adjoint_loss": float(J), "adjoint_loss_first": values[0], **holdout_stats}
+        self.diagnostics = AdjointStats(
+            float(J),
+            loss_first=values[0],
+            holdout_loss=None if holdout is None else holdout[0],
+            best_step=None if holdout is None else holdout[1],
+        )
         return A_in.detach()
 
     def state_dict(self) -> dict[str, Any]:
@@ -357,7 +419,7 @@ class LinearAdjoint(Adjoint):
         self.head: nn.Module | None = None
         self.solver = solver if solver is not None else CG(maxiter=50, tol=1e-10)
         self.solve_dtype = solve_dtype
-        self.stats = {}
+        self.diagnostics: AdjointStats | None = None
         #: the features (z_in, z_out) recorded by :meth:`prepare`, until the next solve
         self._features: tuple[Tensor, Tensor] | None = None
 
@@ -444,7 +506,7 @@ class LinearAdjoint(Adjoint):
             y = _cholesky_solve(L, (Z.times_t(R) * sq).T)
             return (R - Z.times(y.T * sq)) / lam
 
-        iters, gave_up = 0, False
+        info = SolveInfo(0)  # the closed form
         if iso and not primal:
             # a = D⁻¹ K⁻¹ D Z̃ Mᵀ; ⟨W, M⟩ = tr(M S⁻¹ Mᵀ) = (‖M‖² − ⟨D Z̃ Mᵀ, K⁻¹ D Z̃ Mᵀ⟩)/λ.
             b = (Z.times_t(M) * sq).T
@@ -466,17 +528,10 @@ class LinearAdjoint(Adjoint):
                 (W,), info = self.solver(
                     op, (M,), x0=(W,), preconditioner=lambda Rs: (precond(Rs[0]),)
                 )
-                iters, gave_up = info.iterations, info.gave_up
             A_in = Z.times_t(W).T
             # mean_j ⟨a(x_j), g_j⟩ = −⟨W, M⟩ (M is the mean over every rank's outer points)
             J = 0.5 * (A_in * _hessian_in(H, dt)(A_in)).sum(1).mean() - (W * M).sum()
-        self.stats = {
-            "adjoint_loss": float(J),
-            "adjoint_ridge": lam,
-            "adjoint_cg_iters": float(iters),
-            "adjoint_isotropic": float(iso),
-            "adjoint_cg_gave_up": float(gave_up),
-        }
+        self.diagnostics = AdjointStats(float(J), ridge=lam, solve=info, isotropic=iso)
         return A_in.to(out_dtype)
 
 
@@ -695,6 +750,7 @@ class FeatureRecorder:
 __all__ = [
     "Adjoint",
     "AdjointProblem",
+    "AdjointStats",
     "FeatureRecorder",
     "LinearAdjoint",
     "NetworkAdjoint",

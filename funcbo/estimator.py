@@ -2,18 +2,68 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from funcbo.distributed import all_reduce_mean_, mean_across_ranks
+from funcbo.diagnostics import Diagnostics, Metrics, mean_over_ranks
+from funcbo.distributed import all_reduce_mean_
 from funcbo.errors import EmptyBatchError, NonFiniteLossError
 from funcbo.problem import Batch, BilevelProblem, check_finite_tensors
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepStats(Diagnostics):
+    """Diagnostics of one estimator step (ITD's; the base of the others).
+
+    Attributes:
+        outer_loss: L_out at the step's inner model (``outer_loss``).
+        grad_norm: ‖∇F(ω)‖ of the returned estimate (``grad_norm``).
+        inner_loss: L_in after the inner steps (``inner_loss``; None: no inner steps were run,
+            as when :meth:`ImplicitEstimator.hypergradient` is called alone).
+    """
+
+    outer_loss: float
+    grad_norm: float
+    inner_loss: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        out = {} if self.inner_loss is None else {"inner_loss": self.inner_loss}
+        return {**out, "outer_loss": self.outer_loss, "grad_norm": self.grad_norm}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImplicitStats(StepStats):
+    """Diagnostics of an implicit estimator's step (FuncID's and AID's extend it).
+
+    Attributes:
+        inner_loss_at_hypergrad: L_in at the inner model the hypergradient is taken at
+            (``inner_loss_at_hypergrad``).
+    """
+
+    inner_loss_at_hypergrad: float
+
+    def method_metrics(self) -> dict[str, float]:
+        """The metrics of the estimator's own solve, between the losses and ``inner_loss``."""
+        return {}
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "outer_loss": self.outer_loss,
+            "inner_loss_at_hypergrad": self.inner_loss_at_hypergrad,
+            "grad_norm": self.grad_norm,
+            **self.method_metrics(),
+        }
+        if self.inner_loss is not None:
+            out["inner_loss"] = self.inner_loss
+        return out
 
 
 class HypergradientEstimator(ABC):
@@ -23,9 +73,11 @@ class HypergradientEstimator(ABC):
     (inner steps, adjoint steps, ...) and returns the estimate as a tuple aligned with
     ``outer.parameters()`` (zeros for frozen parameters); it also writes it to the ``.grad`` of
     the trainable parameters, overwriting them, so that any torch optimizer can take the outer
-    step. Diagnostics of the last step are in ``stats``; under ``torch.distributed`` they are
-    means over the ranks (:func:`~funcbo.distributed.mean_across_ranks`), so that the losses are
-    those of the whole batch.
+    step. Diagnostics of the last step are in ``diagnostics``, a typed record (such as
+    :class:`StepStats`), and ``stats`` is that record as the metrics dictionary that is logged;
+    under ``torch.distributed`` they are means over the ranks
+    (:func:`~funcbo.diagnostics.mean_over_ranks`), so that the losses are those of the whole
+    batch.
 
     ``inner_batches`` is one batch, or several wrapped in :class:`Batches`: inner step k uses
     batch ``k mod len(inner_batches)``, and the adjoint and the hypergradient use the last one.
@@ -39,7 +91,18 @@ class HypergradientEstimator(ABC):
 
     #: how many inner batches one step consumes (the Trainer draws this many)
     inner_steps: int = 1
-    stats: dict[str, float]
+    #: the diagnostics of the last step (None before the first)
+    diagnostics: Diagnostics | None = None
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The last step's diagnostics as the metrics that are logged (empty before the first).
+        An estimator may also assign a plain dictionary (kept as a :class:`Metrics` record)."""
+        return {} if self.diagnostics is None else self.diagnostics.metrics()
+
+    @stats.setter
+    def stats(self, values: Mapping[str, float]) -> None:
+        self.diagnostics = Metrics(dict(values))
 
     @abstractmethod
     def step(
@@ -78,7 +141,12 @@ class ImplicitEstimator(HypergradientEstimator):
         batches = as_batch_list(inner_batches)
         inner_loss = self.inner.run(problem, outer, batches)
         grads = self.hypergradient(problem, outer, batches[-1], outer_batch)
-        self.stats = mean_across_ranks({**self.stats, "inner_loss": inner_loss})
+        d = self.diagnostics
+        if isinstance(d, StepStats):
+            d = dataclasses.replace(d, inner_loss=inner_loss)
+        else:
+            d = Metrics({**self.stats, "inner_loss": inner_loss})
+        self.diagnostics = mean_over_ranks(d)
         return grads
 
     @abstractmethod

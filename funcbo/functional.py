@@ -17,14 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from funcbo.adjoints import Adjoint, AdjointProblem, LinearAdjoint
+from funcbo.diagnostics import Diagnostics
 from funcbo.estimator import (
     ImplicitEstimator,
+    ImplicitStats,
     add_grads,
     finish_outer_grads,
     grad_norm,
@@ -34,6 +37,24 @@ from funcbo.inner import InnerSolver, make_inner_solver
 from funcbo.linalg import OutputHessian
 from funcbo.memory import PhaseMeter
 from funcbo.problem import Batch, BilevelProblem, check_finite_tensors, check_pred
+
+
+@dataclass(frozen=True, kw_only=True)
+class FuncIDStats(ImplicitStats):
+    """Diagnostics of a FuncID step: the losses and gradient norm, and the adjoint's solve.
+
+    Attributes:
+        adjoint: the adjoint's diagnostics (:class:`~funcbo.adjoints.AdjointStats`).
+    """
+
+    adjoint: Diagnostics | None = None
+
+    def method_metrics(self) -> dict[str, float]:
+        return {} if self.adjoint is None else self.adjoint.metrics()
+
+    @property
+    def solves_gave_up(self) -> int:
+        return 0 if self.adjoint is None else self.adjoint.solves_gave_up
 
 
 class FuncID(ImplicitEstimator):
@@ -77,7 +98,7 @@ class FuncID(ImplicitEstimator):
         self.check_convexity = check_convexity
         self.dense_hessian_max = dense_hessian_max
         self.phase_meter = phase_meter
-        self.stats: dict[str, float] = {}
+        self.diagnostics: FuncIDStats | Diagnostics | None = None
 
     def _phase(self, name: str) -> AbstractContextManager[None]:
         return nullcontext() if self.phase_meter is None else self.phase_meter.phase(name)
@@ -144,12 +165,12 @@ class FuncID(ImplicitEstimator):
                 cross = [None] * len(params)
         total = add_grads(g_omega, cross)
         out = finish_outer_grads(outer, total)
-        self.stats = {
-            "outer_loss": float(l_out.detach().mean()),
-            "inner_loss_at_hypergrad": float(l_in.detach().mean()),
-            "grad_norm": grad_norm(out),
-            **self.adjoint.stats,
-        }
+        self.diagnostics = FuncIDStats(
+            outer_loss=float(l_out.detach().mean()),
+            inner_loss_at_hypergrad=float(l_in.detach().mean()),
+            grad_norm=grad_norm(out),
+            adjoint=self.adjoint.diagnostics,
+        )
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -160,4 +181,4 @@ class FuncID(ImplicitEstimator):
         self.adjoint.load_state_dict(state["adjoint"])
 
 
-__all__ = ["FuncID"]
+__all__ = ["FuncID", "FuncIDStats"]

@@ -10,20 +10,20 @@ twice. They are here as the references FuncID is compared with.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from funcbo.distributed import (
-    all_reduce_mean_,
-    differentiable_all_reduce_mean,
-    mean_across_ranks,
-)
+from funcbo.diagnostics import Diagnostics, mean_over_ranks
+from funcbo.distributed import all_reduce_mean_, differentiable_all_reduce_mean
 from funcbo.estimator import (
     HypergradientEstimator,
     ImplicitEstimator,
+    ImplicitStats,
+    StepStats,
     add_grads,
     as_batch_list,
     finish_outer_grads,
@@ -37,6 +37,34 @@ from funcbo.problem import Batch, BilevelProblem, check_finite_tensors, check_pr
 
 def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, like, strict=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AIDStats(ImplicitStats):
+    """Diagnostics of an AID step: the losses and gradient norm, and the linear solve.
+
+    Attributes:
+        solve: the solver's :class:`~funcbo.linalg.SolveInfo` (``solver_iters``;
+            ``solver_gave_up``: 1 when the solve returned its start, so the step has no
+            implicit term; ``solver_diverged``: 1 when the returned solution has a larger
+            residual than the start).
+        dual_norm: ‖v‖ (``dual_norm``).
+    """
+
+    solve: SolveInfo
+    dual_norm: float
+
+    def method_metrics(self) -> dict[str, float]:
+        return {
+            "solver_iters": float(self.solve.iterations),
+            "solver_gave_up": float(self.solve.gave_up),
+            "solver_diverged": float(self.solve.diverged),
+            "dual_norm": self.dual_norm,
+        }
+
+    @property
+    def solves_gave_up(self) -> int:
+        return int(self.solve.gave_up)
 
 
 class AID(ImplicitEstimator):
@@ -71,9 +99,7 @@ class AID(ImplicitEstimator):
         self.solver = solver if solver is not None else CG(maxiter=10)
         self.warm_start = warm_start
         self._v: tuple[Tensor, ...] | None = None
-        #: diagnostics of the last linear solve
-        self.last_solve: SolveInfo | None = None
-        self.stats: dict[str, float] = {}
+        self.diagnostics: AIDStats | Diagnostics | None = None
 
     def hypergradient(
         self, problem: BilevelProblem, outer: nn.Module, inner_batch: Batch, outer_batch: Batch
@@ -110,24 +136,19 @@ class AID(ImplicitEstimator):
 
         x0 = self._v if (self.warm_start and self._v is not None) else None
         v, info = self.solver(matvec, g_theta, x0=x0)
-        self.last_solve = info
         self._v = tuple(t.detach() for t in v)
         cross: Sequence[Tensor | None] = [None] * len(omega)
         if omega and G_live:
             cross = torch.autograd.grad(G_live, omega, [v[i] for i in live], allow_unused=True)
         total = add_grads(g_omega, cross, scale=-1.0)
         out = finish_outer_grads(outer, total)
-        self.stats = {
-            "outer_loss": float(l_out.detach()),
-            "inner_loss_at_hypergrad": float(l_in.detach()),
-            "grad_norm": grad_norm(out),
-            "solver_iters": float(info.iterations),
-            # 1 when the linear solve gave up (its start returned: no implicit term this step)
-            "solver_gave_up": float(info.gave_up),
-            # 1 when the returned solution has a larger residual than the start
-            "solver_diverged": float(info.diverged),
-            "dual_norm": tnorm(v),
-        }
+        self.diagnostics = AIDStats(
+            outer_loss=float(l_out.detach()),
+            inner_loss_at_hypergrad=float(l_in.detach()),
+            grad_norm=grad_norm(out),
+            solve=info,
+            dual_norm=tnorm(v),
+        )
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -177,7 +198,7 @@ class ITD(HypergradientEstimator):
         self.momentum = momentum
         self.inner_steps = unroll
         self._buf: dict[str, Tensor] | None = None
-        self.stats: dict[str, float] = {}
+        self.diagnostics: StepStats | Diagnostics | None = None
 
     def step(
         self,
@@ -239,12 +260,10 @@ class ITD(HypergradientEstimator):
                 params[n].copy_(theta[n])
         self._buf = {n: t.detach() for n, t in buf.items()} if self.momentum else None
         out = finish_outer_grads(outer, list(grads))
-        self.stats = {
-            "inner_loss": inner_loss,
-            "outer_loss": float(l_out.detach()),
-            "grad_norm": grad_norm(out),
-        }
-        self.stats = mean_across_ranks(self.stats)
+        stats = StepStats(
+            inner_loss=inner_loss, outer_loss=float(l_out.detach()), grad_norm=grad_norm(out)
+        )
+        self.diagnostics = mean_over_ranks(stats)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -255,4 +274,4 @@ class ITD(HypergradientEstimator):
         self._buf = state.get("buf")
 
 
-__all__ = ["AID", "ITD"]
+__all__ = ["AID", "ITD", "AIDStats"]

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from funcbo.distributed import mean_across_ranks
+from funcbo.diagnostics import Diagnostics, mean_over_ranks
 from funcbo.estimator import (
     HypergradientEstimator,
+    StepStats,
     add_grads,
     as_batch_list,
     finish_outer_grads,
@@ -48,6 +50,27 @@ def _losses(
     l_in = problem.eval_inner(outer, pred_in, inner_batch).mean()
     l_out = problem.eval_outer(outer, pred_out, outer_batch).mean()
     return l_in, l_out
+
+
+@dataclass(frozen=True, kw_only=True)
+class PenaltyStats(StepStats):
+    """Diagnostics of a penalty method's step.
+
+    Attributes:
+        penalty: the penalty term (``penalty``): ½‖∇_θ L_in‖², or L_in − L_in(θ̂) for the
+            value-function penalty.
+        value_loss: :class:`ValuePenalty`: L_in(θ̂) (``value_loss``).
+    """
+
+    penalty: float
+    value_loss: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        out = {} if self.inner_loss is None else {"inner_loss": self.inner_loss}
+        out["outer_loss"] = self.outer_loss
+        if self.value_loss is not None:
+            out["value_loss"] = self.value_loss
+        return {**out, "penalty": self.penalty, "grad_norm": self.grad_norm}
 
 
 class GradientPenalty(HypergradientEstimator):
@@ -76,7 +99,7 @@ class GradientPenalty(HypergradientEstimator):
         self.inner = InnerSolver(inner_model, inner_optimizer, inner_steps)
         self.inner_steps = max(inner_steps, 1)
         self.penalty = penalty
-        self.stats: dict[str, float] = {}
+        self.diagnostics: PenaltyStats | Diagnostics | None = None
 
     def _penalised(
         self, problem: BilevelProblem, outer: nn.Module, inner_batch: Batch, outer_batch: Batch
@@ -106,13 +129,13 @@ class GradientPenalty(HypergradientEstimator):
         omega = trainable(outer)
         grads = torch.autograd.grad(l_out + self.penalty * pen, omega, allow_unused=True)
         out = finish_outer_grads(outer, list(grads))
-        self.stats = {
-            "inner_loss": float(l_in.detach()),
-            "outer_loss": float(l_out.detach()),
-            "penalty": float(pen.detach()),
-            "grad_norm": grad_norm(out),
-        }
-        self.stats = mean_across_ranks(self.stats)
+        stats = PenaltyStats(
+            inner_loss=float(l_in.detach()),
+            outer_loss=float(l_out.detach()),
+            penalty=float(pen.detach()),
+            grad_norm=grad_norm(out),
+        )
+        self.diagnostics = mean_over_ranks(stats)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -162,7 +185,7 @@ class ValuePenalty(HypergradientEstimator):
             )
         steps = inner_steps if value_steps is None else value_steps
         self.value = InnerSolver(self.value_model, value_optimizer, steps)
-        self.stats: dict[str, float] = {}
+        self.diagnostics: PenaltyStats | Diagnostics | None = None
 
     def step(
         self,
@@ -188,14 +211,14 @@ class ValuePenalty(HypergradientEstimator):
         g_main = torch.autograd.grad(l_out + self.penalty * l_in, omega, allow_unused=True)
         g_hat = torch.autograd.grad(l_hat, omega, allow_unused=True)
         out = finish_outer_grads(outer, add_grads(list(g_main), list(g_hat), scale=-self.penalty))
-        self.stats = {
-            "inner_loss": float(l_in.detach()),
-            "outer_loss": float(l_out.detach()),
-            "value_loss": float(l_hat.detach()),
-            "penalty": float((l_in - l_hat).detach()),
-            "grad_norm": grad_norm(out),
-        }
-        self.stats = mean_across_ranks(self.stats)
+        stats = PenaltyStats(
+            inner_loss=float(l_in.detach()),
+            outer_loss=float(l_out.detach()),
+            value_loss=float(l_hat.detach()),
+            penalty=float((l_in - l_hat).detach()),
+            grad_norm=grad_norm(out),
+        )
+        self.diagnostics = mean_over_ranks(stats)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -206,4 +229,4 @@ class ValuePenalty(HypergradientEstimator):
         self.value.load_state_dict(state["value"])
 
 
-__all__ = ["GradientPenalty", "ValuePenalty"]
+__all__ = ["GradientPenalty", "PenaltyStats", "ValuePenalty"]

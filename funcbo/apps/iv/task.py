@@ -270,9 +270,8 @@ class IVTask(Task):
         # χ has its own steps: keep it out of the hypergradient (and of the grad norm).
         with nullcontext() if covariate is None else frozen(covariate):
             stats = trainer.default_update(inner, est_outer)
-        gave_up = sum(v for k, v in stats.items() if k.endswith("gave_up"))
-        if gave_up:
-            self.solver_gave_up_total += int(gave_up)
+        assert self.estimator is not None and self.estimator.diagnostics is not None
+        self.solver_gave_up_total += self.estimator.diagnostics.solves_gave_up
         stats["solver_gave_up_total"] = float(self.solver_gave_up_total)
         if covariate is not None:
             stats["covariate_loss"] = self._covariate_update(outer_batch)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from funcbo.adjoints import Adjoint, AdjointProblem, adjoint_objective
+from funcbo.adjoints import Adjoint, AdjointProblem, AdjointStats, adjoint_objective
 from funcbo.errors import ShapeError
 
 
@@ -38,7 +38,7 @@ class PointwiseAdjoint(Adjoint):
     def __init__(self, *, use_hessian: bool = False, check_same_points: bool = True) -> None:
         self.use_hessian = use_hessian
         self.check_same_points = check_same_points
-        self.stats: dict[str, float] = {}
+        self.diagnostics: AdjointStats | None = None
 
     def solve(self, prob: AdjointProblem) -> Tensor:
         g = prob.g_out.detach()
@@ -65,7 +65,7 @@ class PointwiseAdjoint(Adjoint):
                 "PointwiseAdjoint(use_hessian=True) needs dense output Hessians (small d_v)"
             )
         J = adjoint_objective(a, H.matvec(a), a, g)
-        self.stats = {"adjoint_loss": float(J)}
+        self.diagnostics = AdjointStats(float(J))
         return a
 
 

@@ -23,16 +23,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from funcbo.adjoints import Adjoint, NetworkAdjoint, reset_parameters
+from funcbo.adjoints import Adjoint, AdjointStats, NetworkAdjoint, reset_parameters
 from funcbo.apps.rl.adjoint import PointwiseAdjoint
 from funcbo.apps.rl.config import FuncIDNetworkRL, RLBilevelMethod
 from funcbo.apps.rl.networks import EnsembleLinear, ScaledOutput, ValueEnsemble, polyak_update
 from funcbo.apps.rl.problem import SoftBellmanProblem, with_target
 from funcbo.apps.rl.solution import BellmanSolution, NoInnerSteps, SolutionProblem, StateActionInput
-from funcbo.estimator import ImplicitEstimator
+from funcbo.estimator import ImplicitEstimator, ImplicitStats
 from funcbo.experiments.methods import make_optimizer as _make_optimizer
-from funcbo.functional import FuncID
+from funcbo.functional import FuncID, FuncIDStats
 from funcbo.inner import InnerSolver
+from funcbo.parametric import AIDStats
 
 Sampler = Callable[[], dict[str, Tensor]]
 
@@ -181,17 +182,19 @@ class BilevelUpdater(Updater):
         hb = with_target(raw, self.target_q, hp, self.model)
         self.estimator.hypergradient(hp, self.model, hb, hb)
         self.model_optimizer.step()
-        st = self.estimator.stats
-        out = {"q_loss": q_loss, "grad_norm": st.get("grad_norm", float("nan")), **errors}
+        d = self.estimator.diagnostics
+        assert isinstance(d, ImplicitStats)
+        out = {"q_loss": q_loss, "grad_norm": d.grad_norm, **errors}
         if self._solution:
             pred = self.inner.model(self.problem.inner_input(hb))
             out["outer_loss"] = bellman_error(self.problem, pred, hb)
-            out["solution_outer_loss"] = st.get("outer_loss", float("nan"))
+            out["solution_outer_loss"] = d.outer_loss
         else:
-            out["outer_loss"] = st.get("outer_loss", float("nan"))
-        for key in ("adjoint_loss", "solver_iters"):
-            if key in st:
-                out[key] = st[key]
+            out["outer_loss"] = d.outer_loss
+        if isinstance(d, FuncIDStats) and isinstance(d.adjoint, AdjointStats):
+            out["adjoint_loss"] = d.adjoint.loss
+        if isinstance(d, AIDStats):
+            out["solver_iters"] = float(d.solve.iterations)
         return out
 
     def state_dict(self) -> dict[str, Any]:
