@@ -137,7 +137,9 @@ def test_stacked_net_forward_and_adam_match_torch() -> None:
     x = torch.randn(2, 7, 6, dtype=torch.float64)
     stacked = StackedNet(nets)
     opts = [torch.optim.Adam(n.parameters(), lr=1e-2, weight_decay=0.1) for n in nets]
-    adam = StackedAdam(stacked.params, opts, [stacked.origin(r) for r in range(2)])
+    adam = StackedAdam(
+        stacked.params, opts, [stacked.origin(r) for r in range(2)], stacked.transposed
+    )
     out = stacked(x, training=True)
     grads = torch.autograd.grad(out.square().sum(), stacked.params)
     adam.step(grads)
@@ -146,8 +148,8 @@ def test_stacked_net_forward_and_adam_match_torch() -> None:
         assert torch.allclose(out[r], y, atol=1e-12, rtol=0)
         y.square().sum().backward()
         opts[r].step()
-        for p, q in zip(stacked.params, stacked.origin(r), strict=True):
-            assert torch.allclose(p[r], q, atol=1e-12, rtol=0)
+        for p, q, tr in zip(stacked.params, stacked.origin(r), stacked.transposed, strict=True):
+            assert torch.allclose(p[r].T if tr else p[r], q, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["aid", "itd", "funcid"])

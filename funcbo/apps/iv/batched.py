@@ -72,12 +72,18 @@ class StackedNet:
         self.layers: list[_Layer] = []
         #: stacked parameters (leaves requiring gradients), in the order of ``_origin[r]``
         self.params: list[Tensor] = []
+        #: whether a stacked parameter holds its runs' tensors transposed (Linear weights are
+        #: stored ``[R, in, out]``, so that neither the forward product nor the weight's
+        #: gradient needs a transposed copy)
+        self.transposed: list[bool] = []
         self._origin: list[list[Tensor]] = [[] for _ in nets]  # run r's parameters
         self._buffers: list[tuple[_Layer, str, list[Tensor]]] = []  # (layer, attr, per run)
 
-        def stack_param(tensors: list[Tensor]) -> Tensor:
-            p = torch.stack([t.detach() for t in tensors]).requires_grad_(True)
+        def stack_param(tensors: list[Tensor], transpose: bool = False) -> Tensor:
+            p = torch.stack([t.detach().T if transpose else t.detach() for t in tensors])
+            p.requires_grad_(True)
             self.params.append(p)
+            self.transposed.append(transpose)
             for r, t in enumerate(tensors):
                 self._origin[r].append(t)
             return p
@@ -108,7 +114,7 @@ class StackedNet:
                 else:
                     weights = [m.weight for m in mods]
                 layer = _Layer("linear", sn=sn, eps=norms[0].eps if sn else 0.0)
-                layer.weight = stack_param(weights)
+                layer.weight = stack_param(weights, transpose=True)  # [R, in, out]
                 layer.bias = None if m0.bias is None else stack_param([m.bias for m in mods])
                 if sn:
                     stack_buffer(layer, "u", [n._u for n in norms])
@@ -136,11 +142,11 @@ class StackedNet:
         for layer in self.layers:
             k = layer.kind
             if k == "linear":
-                W = self._weight(layer, training)
+                Wt = self._weight(layer, training)
                 if layer.bias is None:
-                    x = torch.bmm(x, W.transpose(1, 2))
+                    x = torch.bmm(x, Wt)
                 else:
-                    x = torch.baddbmm(layer.bias[:, None, :], x, W.transpose(1, 2))
+                    x = torch.baddbmm(layer.bias[:, None, :], x, Wt)
             elif k == "relu":
                 x = torch.relu(x)
             elif k == "tanh":
@@ -163,36 +169,39 @@ class StackedNet:
                     self._power(layer)
 
     def _power(self, layer: _Layer) -> None:
+        # u ← W v/‖W v‖, v ← Wᵀu/‖Wᵀu‖ with W = Wtᵀ (as torch's _SpectralNorm._power_method)
         with torch.no_grad():
-            W = layer.weight
-            layer.u = F.normalize(torch.bmm(W, layer.v[:, :, None])[:, :, 0], dim=1, eps=layer.eps)
+            Wt = layer.weight
+            layer.u = F.normalize(
+                torch.bmm(layer.v[:, None, :], Wt).squeeze(1), dim=1, eps=layer.eps
+            )
             layer.v = F.normalize(
-                torch.bmm(W.transpose(1, 2), layer.u[:, :, None])[:, :, 0], dim=1, eps=layer.eps
+                torch.bmm(Wt, layer.u[:, :, None]).squeeze(2), dim=1, eps=layer.eps
             )
 
     def _weight(self, layer: _Layer, training: bool) -> Tensor:
-        W = layer.weight
+        Wt = layer.weight
         if not layer.sn:
-            return W
+            return Wt
         if training:
             self._power(layer)
-        sigma = (layer.u * torch.bmm(W, layer.v[:, :, None])[:, :, 0]).sum(1)
-        return W / sigma[:, None, None]
+        sigma = (layer.u * torch.bmm(layer.v[:, None, :], Wt).squeeze(1)).sum(1)  # uᵀ W v
+        return Wt / sigma[:, None, None]
 
     # ------------------------------------------------------------------ run r in and out
     def write_run(self, run: int) -> None:
         """Copy run ``run``'s values into its own network."""
         with torch.no_grad():
-            for p, orig in zip(self.params, self._origin[run], strict=True):
-                orig.copy_(p[run])
+            for p, orig, tr in zip(self.params, self._origin[run], self.transposed, strict=True):
+                orig.copy_(p[run].T if tr else p[run])
             for layer, attr, tensors in self._buffers:
                 tensors[run].copy_(getattr(layer, attr)[run])
 
     def read_run(self, run: int) -> None:
         """Copy run ``run``'s own network into the stack."""
         with torch.no_grad():
-            for p, orig in zip(self.params, self._origin[run], strict=True):
-                p[run].copy_(orig)
+            for p, orig, tr in zip(self.params, self._origin[run], self.transposed, strict=True):
+                p[run].copy_(orig.T if tr else orig)
             for layer, attr, tensors in self._buffers:
                 getattr(layer, attr)[run].copy_(tensors[run])
 
@@ -218,12 +227,15 @@ class StackedAdam:
 
     Run r's learning rate, weight decay, ε and step count are its own: the update is
     elementwise, so run r's slice follows exactly the steps of its own ``torch.optim.Adam``.
+    When every run has the same hyperparameters and step count (seeds of one method), the
+    update is torch's own sequence of operations on the whole stack.
 
     Args:
         params: stacked tensors ``[R, ...]``.
         optimizers: the R runs' own Adam optimizers (hyperparameters read from their single
             parameter group; :meth:`write_run` / :meth:`read_run` exchange their state).
         origins: run r's own parameters aligned with ``params`` (the keys of its state).
+        transposed: which stacked tensors hold their runs' tensors transposed (default: none).
     """
 
     def __init__(
@@ -231,10 +243,12 @@ class StackedAdam:
         params: list[Tensor],
         optimizers: Sequence[torch.optim.Optimizer],
         origins: Sequence[Sequence[Tensor]],
+        transposed: Sequence[bool] | None = None,
     ) -> None:
         self.params = params
         self.optimizers = list(optimizers)
         self.origins = [list(o) for o in origins]
+        self.transposed = list(transposed) if transposed is not None else [False] * len(params)
         groups = []
         for opt in self.optimizers:
             if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
@@ -246,7 +260,6 @@ class StackedAdam:
         if len({tuple(g["betas"]) for g in groups}) != 1:
             raise ValueError("the runs of a batch must share Adam's betas")
         self.betas = tuple(groups[0]["betas"])
-        dt = params[0].dtype
         dev = params[0].device
 
         def per_run(key: str) -> Tensor:
@@ -257,8 +270,7 @@ class StackedAdam:
             per_run("weight_decay"),
             per_run("eps"),
         )
-        self.dtype = dt
-        self.step_count = torch.zeros(len(groups), dtype=torch.float64, device=dev)
+        self.step_count = torch.zeros(len(groups), dtype=torch.float64)
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
 
@@ -267,33 +279,50 @@ class StackedAdam:
         """One Adam step of every run with these stacked gradients."""
         b1, b2 = self.betas
         self.step_count += 1
+        uniform = all(
+            bool((t == t[0]).all()) for t in (self.step_count, self.lr, self.weight_decay, self.eps)
+        )
+        if uniform:  # torch's single-tensor Adam, on the whole stack
+            step = float(self.step_count[0])
+            lr, wd, eps = float(self.lr[0]), float(self.weight_decay[0]), float(self.eps[0])
+            bc1 = 1.0 - b1**step
+            bc2_sqrt = (1.0 - b2**step) ** 0.5
+            for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
+                if wd != 0:
+                    g = g.add(p, alpha=wd)
+                m.lerp_(g, 1.0 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                denom = (v.sqrt() / bc2_sqrt).add_(eps)
+                p.addcdiv_(m, denom, value=-lr / bc1)
+            return
         bc1 = 1.0 - b1**self.step_count
         bc2_sqrt = (1.0 - b2**self.step_count).sqrt()
         step_size = self.lr / bc1
 
         def col(t: Tensor, p: Tensor) -> Tensor:
-            return t.to(p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
+            return t.to(device=p.device, dtype=p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
 
         for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
-            if bool((self.weight_decay != 0).any()):
-                g = g + col(self.weight_decay, p) * p
+            g = torch.addcmul(g, col(self.weight_decay, p), p)
             m.lerp_(g, 1.0 - b1)
             v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
             denom = (v.sqrt() / col(bc2_sqrt, p)).add_(col(self.eps, p))
-            p.sub_(m.div(denom).mul_(col(step_size, p)))
+            p.addcdiv_(m * col(-step_size, p), denom)
 
     def write_run(self, run: int) -> None:
         """Write run ``run``'s moments and step count into its own optimizer's state."""
         opt = self.optimizers[run]
         steps = float(self.step_count[run])
-        for orig, m, v in zip(self.origins[run], self.exp_avg, self.exp_avg_sq, strict=True):
+        for orig, m, v, tr in zip(
+            self.origins[run], self.exp_avg, self.exp_avg_sq, self.transposed, strict=True
+        ):
             if steps == 0:
                 opt.state.pop(orig, None)
                 continue
             opt.state[orig] = {
                 "step": torch.tensor(steps, dtype=_step_dtype()),
-                "exp_avg": m[run].detach().clone(),
-                "exp_avg_sq": v[run].detach().clone(),
+                "exp_avg": (m[run].T if tr else m[run]).detach().clone(),
+                "exp_avg_sq": (v[run].T if tr else v[run]).detach().clone(),
             }
 
     def read_run(self, run: int) -> None:
@@ -301,14 +330,16 @@ class StackedAdam:
         opt = self.optimizers[run]
         steps = 0.0
         with torch.no_grad():
-            for orig, m, v in zip(self.origins[run], self.exp_avg, self.exp_avg_sq, strict=True):
+            for orig, m, v, tr in zip(
+                self.origins[run], self.exp_avg, self.exp_avg_sq, self.transposed, strict=True
+            ):
                 st = opt.state.get(orig)
                 if not st:
                     m[run].zero_()
                     v[run].zero_()
                     continue
-                m[run].copy_(st["exp_avg"])
-                v[run].copy_(st["exp_avg_sq"])
+                m[run].copy_(st["exp_avg"].T if tr else st["exp_avg"])
+                v[run].copy_(st["exp_avg_sq"].T if tr else st["exp_avg_sq"])
                 steps = float(st["step"])
         self.step_count[run] = steps
 
@@ -347,9 +378,10 @@ def ridge_objective(features: Tensor, target: Tensor, weight: Tensor, lam: float
 
 def grad_norms(grads: Sequence[Tensor]) -> Tensor:
     """Per-run Euclidean norm of stacked gradients, ``[R]`` (float64)."""
-    total = sum((g.detach().double() ** 2).flatten(1).sum(1) for g in grads)
-    assert isinstance(total, Tensor)
-    return total.sqrt()
+    norms = [
+        torch.linalg.vector_norm(g.detach().flatten(1), dim=1, dtype=torch.float64) for g in grads
+    ]
+    return torch.linalg.vector_norm(torch.stack(norms, 1), dim=1)
 
 
 __all__ = [

@@ -132,11 +132,13 @@ class IVBatchTask(BatchTask):
                 self.phi.params,
                 [d.instrument_optimizer for d in dfivs],  # type: ignore[union-attr]
                 [self.phi.origin(r) for r in range(R)],
+                self.phi.transposed,
             )
             self.psi_opt = StackedAdam(
                 self.psi.params,
                 [d.treatment_optimizer for d in dfivs],  # type: ignore[union-attr]
                 [self.psi.origin(r) for r in range(R)],
+                self.psi.transposed,
             )
         else:
             ests = [t.estimator for t in self.tasks]
@@ -151,11 +153,13 @@ class IVBatchTask(BatchTask):
                 self.phi.params,
                 [s.optimizer for s in inner],
                 [self.phi.origin(r) for r in range(R)],
+                self.phi.transposed,
             )
             self.psi_opt = StackedAdam(
                 self.psi.params,
                 [t.outer_optimizer for t in self.tasks],  # type: ignore[misc]
                 [self.psi.origin(r) for r in range(R)],
+                self.psi.transposed,
             )
             heads = [t.inner.head for t in self.tasks]
             self.head_weight = torch.stack([h.weight.detach() for h in heads])
