@@ -4,6 +4,7 @@ by kind from the base class, and their former flat entries translated."""
 import dataclasses
 
 import pytest
+import torch
 
 import funcbo.cli  # noqa: F401 - registers the built-in experiments
 from funcbo.apps.rl.config import (
@@ -19,6 +20,7 @@ from funcbo.apps.rl.config import (
 )
 from funcbo.experiments.config import ConfigError, load_config_dict
 from funcbo.experiments.methods import MethodConfig, method_kinds
+from funcbo.linalg import CG
 
 
 def _load(entry):
@@ -31,7 +33,8 @@ def test_rl_kinds_are_registered_specs():
     assert set(method_kinds(RLModelMethod)) == set(RL_KINDS) - {"model_free"}
     assert RLMethodConfig() == FuncIDReference()  # the authors' FuncID by default
     m = RLMethodConfig(kind="omd_cg", inner_lr=1e-3)
-    assert isinstance(m, OMDCG) and m.inner_lr == 1e-3 and m.solver_iters == 10
+    assert isinstance(m, OMDCG) and m.inner_lr == 1e-3
+    assert m.solver == CG(maxiter=10, damping=1e-5) and not m.warm_start
     with pytest.raises(ValueError, match="unknown kind 'ppo'"):
         RLMethodConfig(kind="ppo")
     with pytest.raises(ConfigError, match="unknown kind 'aid'"):
@@ -58,6 +61,24 @@ def test_former_flat_rl_entries_are_translated():
     flat.update(warm_opt=False, cg_damping=1e-4, cg_warm_start=True, model_steps=1)
     flat.update(adjoint_scale=None, adjoint_at="solution", solver_iters=7)
     m = _load(flat)
-    assert m == OMDCG(solver_iters=7, cg_damping=1e-4, cg_warm_start=True)
+    assert m == OMDCG(solver=CG(maxiter=7, damping=1e-4), warm_start=True)
     assert _load({**flat, "kind": "model_free"}) == ModelFree()
     assert _load({**flat, "kind": "mle", "model_steps": 3}).model_steps == 3
+
+
+def test_omd_cg_solver_is_a_cg_value():
+    m = _load({"kind": "omd_cg", "solver": {"cg": {"maxiter": 3, "damping": 1e-3}}})
+    assert m.solver == CG(maxiter=3, damping=1e-3)
+    assert _load({"kind": "omd_cg"}).solver == CG(maxiter=10, damping=1e-5)
+    # the committed paper config's flat entry: OMD's damping kept
+    assert _load({"kind": "omd_cg", "solver_iters": 10}) == OMDCG()
+    assert _load({"kind": "omd_cg", "cg_damping": 0.1}).solver == CG(maxiter=10, damping=0.1)
+    # a flat field updates a solver value given with it (a --set on a new config)
+    m = _load({"kind": "omd_cg", "solver": {"cg": {"tol": 1e-6}}, "solver_iters": 4})
+    assert m.solver == CG(maxiter=4, tol=1e-6)
+    with pytest.raises(ConfigError, match="unknown 'neumann'"):
+        _load({"kind": "omd_cg", "solver": {"neumann": {}}})
+    with pytest.raises(ConfigError, match="did you mean 'methods.m.solver.cg.maxiter'"):
+        _load({"kind": "omd_cg", "solver": {"cg": {"maxiterr": 3}}})
+    est = m.estimator(None, torch.nn.Linear(2, 1), None, None)[1]
+    assert est.solver == CG(maxiter=4, tol=1e-6) and not est.warm_start

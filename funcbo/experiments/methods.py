@@ -93,6 +93,12 @@ class MethodSpec(metaclass=_SpecMeta):
         """What a run trains with (an estimator, an updater), from the app's ``context``."""
         raise NotImplementedError(f"method {self.kind!r} defines no build")
 
+    @classmethod
+    def translate_legacy_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """This spec's own translation of former flat fields, applied by
+        :func:`translate_legacy` before its generic one (default: none)."""
+        return data
+
 
 _METHODS: dict[tuple[str, str], type[MethodSpec]] = {}
 
@@ -456,13 +462,16 @@ def translate_legacy(kind: str, data: dict[str, Any], scope: str = "library") ->
       as a mapping (a ``--set methods.aid.solver_iters=5`` on a new config).
     * Flat fields the spec does not have (its ``legacy_fields``) are dropped: they never
       affected that method.
+    * A spec whose former fields meant something else translates them first, in its
+      :meth:`MethodSpec.translate_legacy_fields` (the RL app's ``omd_cg``: ``solver_iters``
+      and ``cg_damping`` are its CG's).
     Keys that were never flat fields are kept, so that the spec's validation names them.
     """
     cls = _METHODS.get((scope, kind))
     if cls is None:
         return data
     own = {f.name for f in dataclasses.fields(cls) if f.init}
-    out = dict(data)
+    out = cls.translate_legacy_fields(dict(data))
     solver_keys = [
         k for k in ("solver_iters", "neumann_lr", "damping", "cg_safeguards") if k in out
     ]

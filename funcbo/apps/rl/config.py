@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from funcbo.experiments.methods import LEGACY_FIELDS, MethodSpec, register_method
+from funcbo.linalg import CG
 
 #: FuncID variants (see ``RLMethodConfig.kind``)
 FUNCID_KINDS = ("funcid_reference", "funcid_solution", "funcid_network", "funcid_identity")
@@ -301,28 +302,65 @@ class OMD(RLBilevelMethod):
         return est.inner, est, problem
 
 
+def _omd_cg() -> CG:
+    return CG(maxiter=10, damping=1e-5)
+
+
 @register_method("omd_cg")
 @dataclass
 class OMDCG(RLBilevelMethod):
     """OMD with damped CG (solves (H + δI)v = g, as OMD's ``with_inv_jac``).
 
     Attributes:
-        solver_iters: CG iterations.
-        cg_damping: δ.
-        cg_warm_start: start CG from the previous solution (OMD starts from zero).
+        solver: the CG value, ``solver: {cg: {maxiter: 10, damping: 1.0e-5}}`` by default (10
+            iterations, δ = 1e-5); a ``solver: {cg: {...}}`` in a config takes
+            :class:`~funcbo.linalg.CG`'s defaults for the fields it leaves out.
+        warm_start: start CG from the previous solution (OMD starts from zero).
+
+    Former flat fields: ``solver_iters`` and ``cg_damping`` are the CG's ``maxiter`` and
+    ``damping``, ``cg_warm_start`` is ``warm_start`` (see :meth:`translate_legacy_fields`).
     """
 
-    solver_iters: int = 10
-    cg_damping: float = 1e-5
-    cg_warm_start: bool = False
+    solver: CG = field(default_factory=_omd_cg)
+    warm_start: bool = False
+
+    @classmethod
+    def translate_legacy_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """``solver_iters``/``cg_damping`` → ``solver: {cg: {maxiter, damping}}`` (from the
+        default CG, or updating a ``solver: {cg: ...}`` given with them), ``cg_warm_start`` →
+        ``warm_start``. The flat record's AID fields (``solver`` as a name, ``damping``,
+        ``cg_safeguards``, ``neumann_lr``) never applied to ``omd_cg`` and are dropped."""
+        out = dict(data)
+        flat = {
+            to: out.pop(k)
+            for k, to in (("solver_iters", "maxiter"), ("cg_damping", "damping"))
+            if k in out
+        }
+        if "cg_warm_start" in out:
+            warm = out.pop("cg_warm_start")
+            out.setdefault("warm_start", warm)
+        for k in ("damping", "cg_safeguards", "neumann_lr"):
+            out.pop(k, None)
+        solver = out.get("solver")
+        if isinstance(solver, str):  # the flat record's solver name: always this CG
+            solver = None
+            out.pop("solver")
+        if flat:
+            if solver is None:
+                default = _omd_cg()
+                params: Any = {"maxiter": default.maxiter, "damping": default.damping}
+            elif isinstance(solver, dict) and set(solver) == {"cg"}:
+                params = dict(solver["cg"] or {})
+            else:
+                return out  # not a CG: the spec's validation names it
+            out["solver"] = {"cg": {**params, **flat}}
+        return out
 
     def estimator(self, problem, q_inner, model, target_q, batch_size=256):  # type: ignore[no-untyped-def]
-        from funcbo.linalg import CG
         from funcbo.parametric import AID
 
         opt = self.q_optimizer(q_inner.parameters())
-        solver = CG(maxiter=self.solver_iters, damping=self.cg_damping)
-        est = AID(q_inner, opt, self.inner_steps, solver=solver, warm_start=self.cg_warm_start)
+        est = AID(q_inner, opt, self.inner_steps, solver=self.solver, warm_start=self.warm_start)
         return est.inner, est, problem
 
 
