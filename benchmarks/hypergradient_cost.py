@@ -53,6 +53,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -64,14 +65,16 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from funcbo import AID, CG, ITD, BilevelProblem, FuncID, LinearAdjoint, NetworkAdjoint
+from funcbo.experiments.methods import MethodSpec, method_class, method_kinds, register_method
 from funcbo.inner import InnerSolver
 from funcbo.io import atomic_write_json
 from funcbo.memory import (
@@ -84,7 +87,6 @@ from funcbo.memory import (
 from funcbo.parametric import AIDStats
 from funcbo.synthetic import mlp
 
-METHODS = ("funcid_linear", "funcid_network", "aid_cg", "torchopt_aid_cg", "itd", "plain_step")
 REFERENCE = "funcid_linear"
 NOTES = {
     "funcid_linear": "FuncID.hypergradient, LinearAdjoint (closed form)",
@@ -275,33 +277,103 @@ def torchopt_call(s: Setup, cg_iters: int, damping: float = 0.0) -> tuple[Call, 
     return call, lambda: {"hessian_vector_products": count["hvp"]}
 
 
-def funcid(method: str, s: Setup) -> FuncID:
-    """The FuncID estimator of ``funcid_linear`` or ``funcid_network`` on ``s``."""
-    adjoint = (
-        LinearAdjoint()
-        if method == "funcid_linear"
-        else NetworkAdjoint(steps=s.cfg["adjoint_steps"])
-    )
-    return FuncID(s.inner, s.inner_opt, adjoint=adjoint)
+class Measured(NamedTuple):
+    """What a method's spec builds on a :class:`Setup`: the measured work (a zero-argument
+    function), its diagnostics, and the FuncID estimator behind it (None for the others),
+    whose phases are then measured."""
+
+    call: Call
+    info: Info
+    funcid: FuncID | None = None
 
 
-def method_call(method: str, s: Setup) -> tuple[Call, Info, FuncID | None]:
-    """The measured work of ``method`` on ``s`` (a zero-argument function), its diagnostics,
-    and the FuncID estimator behind it (None for the other methods)."""
-    cfg = s.cfg
+@dataclass
+class BenchMethod(MethodSpec):
+    """A measured method: a spec registered in scope ``"bench"`` whose fields are worker
+    options (see :func:`bench_method`) and whose ``build`` makes its :class:`Measured`."""
+
+    scope: ClassVar[str] = "bench"
+
+    def build(self, context: Setup) -> Measured:
+        raise NotImplementedError
+
+
+@register_method("funcid_linear")
+@dataclass
+class FuncIDLinearBench(BenchMethod):
+    """``FuncID.hypergradient`` with ``LinearAdjoint()`` (closed form)."""
+
+    def build(self, context: Setup) -> Measured:
+        return _funcid(context, FuncID(context.inner, context.inner_opt, adjoint=LinearAdjoint()))
+
+
+@register_method("funcid_network")
+@dataclass
+class FuncIDNetworkBench(BenchMethod):
+    """``FuncID.hypergradient`` with ``NetworkAdjoint(steps=adjoint_steps)`` (warm, its
+    default fused Adam)."""
+
+    adjoint_steps: int = 10
+
+    def build(self, context: Setup) -> Measured:
+        adjoint = NetworkAdjoint(steps=self.adjoint_steps)
+        return _funcid(context, FuncID(context.inner, context.inner_opt, adjoint=adjoint))
+
+
+def _funcid(s: Setup, est: FuncID) -> Measured:
     prob, outer, ib, ob = s.problem, s.outer, s.inner_batch, s.outer_batch
-    if method in ("funcid_linear", "funcid_network"):
-        est = funcid(method, s)
-        return lambda: est.hypergradient(prob, outer, ib, ob), lambda: dict(est.stats), est
-    if method == "aid_cg":
-        aid = AID(s.inner, s.inner_opt, solver=CG(maxiter=cfg["cg_iters"]), warm_start=False)
-        return lambda: aid.hypergradient(prob, outer, ib, ob), lambda: dict(aid.stats), None
-    if method == "torchopt_aid_cg":
-        return (*torchopt_call(s, cfg["cg_iters"]), None)
-    if method == "itd":
-        itd = ITD(s.inner, lr=cfg["itd_lr"], unroll=cfg["unroll"])
-        return lambda: itd.step(prob, outer, [ib], ob), lambda: dict(itd.stats), None
-    if method == "plain_step":
+    return Measured(lambda: est.hypergradient(prob, outer, ib, ob), lambda: dict(est.stats), est)
+
+
+@register_method("aid_cg")
+@dataclass
+class AIDCGBench(BenchMethod):
+    """funcbo's ``AID.hypergradient`` with ``CG(maxiter=cg_iters)``, started from zero."""
+
+    cg_iters: int = 10
+
+    def build(self, context: Setup) -> Measured:
+        s = context
+        aid = AID(s.inner, s.inner_opt, solver=CG(maxiter=self.cg_iters), warm_start=False)
+        prob, outer, ib, ob = s.problem, s.outer, s.inner_batch, s.outer_batch
+        return Measured(lambda: aid.hypergradient(prob, outer, ib, ob), lambda: dict(aid.stats))
+
+
+@register_method("torchopt_aid_cg")
+@dataclass
+class TorchOptAIDCG(BenchMethod):
+    """TorchOpt's ``custom_root`` with ``solve_cg(maxiter=cg_iters)`` (see
+    :func:`torchopt_call`)."""
+
+    cg_iters: int = 10
+
+    def build(self, context: Setup) -> Measured:
+        return Measured(*torchopt_call(context, self.cg_iters))
+
+
+@register_method("itd")
+@dataclass
+class ITDBench(BenchMethod):
+    """funcbo's ``ITD.step`` with ``unroll`` steps of size ``itd_lr``."""
+
+    unroll: int = 10
+    itd_lr: float = 1e-2
+
+    def build(self, context: Setup) -> Measured:
+        s = context
+        itd = ITD(s.inner, lr=self.itd_lr, unroll=self.unroll)
+        prob, outer, ib, ob = s.problem, s.outer, s.inner_batch, s.outer_batch
+        return Measured(lambda: itd.step(prob, outer, [ib], ob), lambda: dict(itd.stats))
+
+
+@register_method("plain_step")
+@dataclass
+class PlainStep(BenchMethod):
+    """Forward and backward of the inner and outer losses: one ordinary gradient step."""
+
+    def build(self, context: Setup) -> Measured:
+        s = context
+        prob, outer, ib, ob = s.problem, s.outer, s.inner_batch, s.outer_batch
         params = [*s.inner.parameters(), *outer.parameters()]
 
         def plain() -> tuple[Tensor, ...]:
@@ -309,8 +381,20 @@ def method_call(method: str, s: Setup) -> tuple[Call, Info, FuncID | None]:
             l_out = prob.outer_loss(outer, prob.predict(s.inner, ob, "outer"), ob).mean()
             return torch.autograd.grad(l_in + l_out, params)
 
-        return plain, dict, None
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        return Measured(plain, dict)
+
+
+#: the methods, in table order (the specs registered in scope "bench")
+METHODS = method_kinds(BenchMethod)
+
+
+def bench_method(method: str, cfg: dict[str, Any]) -> BenchMethod:
+    """The spec of ``method`` with its fields taken from the worker options ``cfg``."""
+    cls = method_class(method, BenchMethod.scope)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    spec = cls(**{name: cfg[name] for name in names})
+    assert isinstance(spec, BenchMethod)
+    return spec
 
 
 def have_torchopt() -> bool:
@@ -414,7 +498,7 @@ def worker(cfg: dict[str, Any], method: str, width: int) -> dict[str, Any]:
     """Measure one (method, width) in this process."""
     torch.set_num_threads(cfg["threads"])
     s = Setup(cfg, width)
-    fn, info, est = method_call(method, s)
+    fn, info, est = bench_method(method, cfg).build(s)
     res = measure(fn, cfg["repeats"], s.device)
     res.update(
         stats=info(),

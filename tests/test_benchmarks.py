@@ -19,6 +19,7 @@ def _load() -> ModuleType:
     spec = importlib.util.spec_from_file_location("hypergradient_cost", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses (the method specs) look their module up
     spec.loader.exec_module(module)
     return module
 
