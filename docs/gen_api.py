@@ -3,7 +3,9 @@
     python docs/gen_api.py          # rewrite docs/api.md
     python docs/gen_api.py --check  # exit 1 if docs/api.md is out of date (used by the tests)
 
-Public names are each module's ``__all__``; a class lists its public methods.
+Public names are each module's ``__all__``; a class lists its public methods. Every module of
+the library and of the experiment layer is listed (``--check`` fails on one that is not); an
+application is documented by its package's namespace.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -25,17 +28,20 @@ MODULES = [
     ("funcbo.linalg", "solvers and output-space Hessians"),
     ("funcbo.inner", "inner solvers"),
     ("funcbo.estimator", "the estimator interface"),
+    ("funcbo.diagnostics", "diagnostics records"),
     ("funcbo.trainer", "the outer loop and callbacks"),
     ("funcbo.distributed", "data parallelism"),
     ("funcbo.errors", "errors"),
     ("funcbo.io", "atomic files"),
     ("funcbo.memory", "peak memory"),
+    ("funcbo.rng", "global random generators"),
     ("funcbo.synthetic", "problems with exact answers"),
     ("funcbo.experiments.config", "experiment configs"),
     ("funcbo.experiments.methods", "method configs"),
     ("funcbo.experiments.task", "tasks and the experiment registry"),
     ("funcbo.experiments.trainer_task", "Trainer-based tasks"),
     ("funcbo.experiments.runner", "runs and sweeps"),
+    ("funcbo.experiments.batch", "batched runs"),
     ("funcbo.experiments.executors", "executors: local processes, Ray"),
     ("funcbo.experiments.errors", "errors of the experiment layer"),
     ("funcbo.experiments.store", "the run store"),
@@ -45,6 +51,21 @@ MODULES = [
     ("funcbo.apps.iv", "instrumental-variable regression (dSprites, demand)"),
     ("funcbo.apps.rl", "model-based reinforcement learning (CartPole)"),
 ]
+
+
+def unlisted_modules() -> list[str]:
+    """Modules of ``funcbo`` and ``funcbo.experiments`` missing from :data:`MODULES`."""
+    import funcbo
+    import funcbo.experiments
+
+    listed = {name for name, _ in MODULES}
+    found = [
+        m.name
+        for pkg in (funcbo, funcbo.experiments)
+        for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + ".")
+        if not m.ispkg and not m.name.rsplit(".", 1)[1].startswith("_")
+    ]
+    return sorted(set(found) - listed)
 
 
 def _doc(obj: object) -> str:
@@ -128,6 +149,10 @@ def main() -> int:
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args()
     path = Path(__file__).with_name("api.md")
+    missing = unlisted_modules()
+    if missing:
+        print(f"modules missing from MODULES in {__file__}: {', '.join(missing)}", file=sys.stderr)
+        return 1
     text = render()
     if args.check:
         if not path.exists() or path.read_text() != text:
