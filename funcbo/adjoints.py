@@ -18,7 +18,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -282,11 +282,11 @@ class NetworkAdjoint(Adjoint):
             return value
 
         for _ in range(self.steps):
-            opt.step(closure)
+            opt.step(closure)  # type: ignore[arg-type] # torch types the closure as returning a float; optimizers accept a Tensor
             opt.zero_grad(set_to_none=True)
             step += 1
         holdout: tuple[float, int] | None = None
-        if x_val is not None and best is not None:
+        if x_val is not None and g_val is not None and best is not None:
             with torch.no_grad():
                 A_in = model(prob.x_in)
                 j_last = float(
@@ -353,14 +353,15 @@ def reset_parameters(module: nn.Module) -> None:
             fn()
             continue
         plain = copy.deepcopy(m)
-        names = list(m.parametrizations.keys())
+        parametrizations = cast(nn.ModuleDict, m.parametrizations)
+        names = list(parametrizations.keys())
         for name in names:
             parametrize.remove_parametrizations(plain, name, leave_parametrized=False)
-        plain.reset_parameters()
+        cast(Callable[[], None], plain.reset_parameters)()
         with torch.no_grad():
             for name, value in plain.named_parameters(recurse=False):
                 if name in names:
-                    m.parametrizations[name].right_inverse(value.detach().clone())
+                    cast(Any, parametrizations[name]).right_inverse(value.detach().clone())
                 else:
                     getattr(m, name).copy_(value)
 
@@ -476,7 +477,8 @@ class LinearAdjoint(Adjoint):
             raise_not_convex(c)
         # Right-hand side  M = −(1/m) Σ_j g_j z_jᵀ   (d × q)
         M = Zo.times(G.T).div_(-m)
-        Z._buffer, Zo = Zo._buffer, None  # one conversion buffer for both
+        Z._buffer = Zo._buffer  # one conversion buffer for both
+        del Zo
         primal = q <= n or is_distributed()
         sq = (c / n).sqrt()  # the diagonal of D
         all_reduce_mean_([M])

@@ -230,7 +230,10 @@ def finish_outer_grads(outer: nn.Module, grads: Sequence[Tensor | None]) -> tupl
 
 def grad_norm(grads: Sequence[Tensor]) -> float:
     """Euclidean norm of a tuple of gradients."""
-    return float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grads))) if grads else 0.0
+    if not grads:
+        return 0.0
+    zero = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    return float(torch.sqrt(sum(((g.detach().double() ** 2).sum() for g in grads), zero)))
 
 
 def add_grads(

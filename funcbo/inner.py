@@ -67,16 +67,16 @@ class InnerSolver:
                 else:
                     loss = objective(self.model, batch)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-                grads = [
+                full = [
                     torch.zeros_like(p) if g is None else g
                     for p, g in zip(params, grads, strict=True)
                 ]
-                all_reduce_mean_(grads)
-                for p, g in zip(params, grads, strict=True):
+                all_reduce_mean_(full)
+                for p, g in zip(params, full, strict=True):
                     p.grad = g
                 return loss.detach()
 
-            loss = self.optimizer.step(closure)
+            loss = self.optimizer.step(closure)  # type: ignore[arg-type] # torch types the closure as returning a float; optimizers accept a Tensor
             self.optimizer.zero_grad(set_to_none=True)
             last = float(loss) if loss is not None else float("nan")
         if self.steps:

@@ -234,8 +234,8 @@ class ITD(HypergradientEstimator):
                 with frozen(outer):
                     pred = check_pred(functional_call(model, theta, (x,)), "inner model output")
                     loss = problem.eval_inner(outer, pred, batch).mean()
-            g = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=diff)
-            g = [differentiable_all_reduce_mean(t) for t in g]
+            local = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=diff)
+            g = [differentiable_all_reduce_mean(t) for t in local]
             new_theta, new_buf = {}, {}
             for n, gn in zip(names, g, strict=True):
                 b = self.momentum * buf[n] + gn if self.momentum else gn

@@ -87,14 +87,16 @@ class BilevelProblem:
         *,
         check_finite: bool = True,
     ) -> None:
+        # The given functions replace the methods on this instance (mypy compares them with the
+        # methods' unbound signatures, self included, hence the ignores).
         if inner_loss is not None:
-            self.inner_loss = inner_loss  # type: ignore[method-assign]
+            self.inner_loss = inner_loss  # type: ignore[method-assign, assignment]
         if outer_loss is not None:
-            self.outer_loss = outer_loss  # type: ignore[method-assign]
+            self.outer_loss = outer_loss  # type: ignore[method-assign, assignment]
         if inner_input is not None:
-            self.inner_input = inner_input  # type: ignore[method-assign]
+            self.inner_input = inner_input  # type: ignore[method-assign, assignment]
         if outer_input is not None:
-            self.outer_input = outer_input  # type: ignore[method-assign]
+            self.outer_input = outer_input  # type: ignore[method-assign, assignment]
         self.check_finite = check_finite
 
     # ----------------------------------------------------------------- user-facing definitions

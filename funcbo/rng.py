@@ -25,7 +25,8 @@ import torch
 def rng_state() -> dict[str, Any]:
     """Capture the states of the global generators (torch CPU, CUDA when initialised, numpy,
     Python ``random``) as tensors and lists; restore them with :func:`set_rng_state`."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the legacy form: (name, key, pos, has_gauss, cached)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         # numpy's key is uint32, which torch tensors cannot hold exactly: widen it to int64.

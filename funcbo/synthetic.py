@@ -95,6 +95,7 @@ class LinearQuadratic:
         return 0.5 * ((pred - outer(batch["t"])) ** 2).sum(1)
 
     def _outer_loss(self, outer: nn.Module, pred: Tensor, batch: Batch) -> Tensor:
+        assert isinstance(outer, nn.Linear)
         reg = 0.5 * self.rho * (outer.weight**2).sum()
         return 0.5 * ((pred - batch["y"]) ** 2).sum(1) + reg
 
@@ -225,6 +226,7 @@ class DiscreteIV:
 
     @staticmethod
     def _outer_loss(outer: nn.Module, pred: Tensor, batch: Batch) -> Tensor:
+        assert isinstance(outer, TreatmentOutcome)
         return 0.5 * ((batch["y"] - outer.head(pred)) ** 2).sum(1)
 
     def make_outer(self, seed: int = 1) -> TreatmentOutcome:
@@ -352,10 +354,12 @@ class LinearIV:
 
     @staticmethod
     def _inner_loss(outer: nn.Module, pred: Tensor, batch: Batch) -> Tensor:
+        assert isinstance(outer, Structural)
         return 0.5 * (pred[:, 0] - batch["t"] @ outer.beta) ** 2
 
     @staticmethod
     def _outer_loss(outer: nn.Module, pred: Tensor, batch: Batch) -> Tensor:
+        assert isinstance(outer, Structural)
         return 0.5 * (batch["y"][:, 0] - pred[:, 0] - outer.b) ** 2
 
     def make_outer(self) -> Structural:

@@ -68,14 +68,14 @@ class BatchStream:
         if callable(self.source) and not isinstance(self.source, Iterable):
             return self.source()
         if self._it is None:
-            self._it = iter(self.source)  # type: ignore[arg-type]
+            self._it = iter(self.source)
         try:
             return next(self._it)
         except StopIteration:
             if isinstance(self.source, Iterator):
                 raise RuntimeError(f"the {self.name} loader (an iterator) is exhausted") from None
             self.epoch += 1
-            self._it = iter(self.source)  # type: ignore[arg-type]
+            self._it = iter(self.source)
             try:
                 return next(self._it)
             except StopIteration:

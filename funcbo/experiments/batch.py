@@ -166,7 +166,8 @@ def _execute_group(
                 rd.write_config(run_config_text(run))
         if start == 0:
             t0 = time.perf_counter()
-            evals = task.evaluate()
+            evals: list[dict[str, float]] | None = task.evaluate()
+            assert evals is not None
             dt = (time.perf_counter() - t0) / len(runs)
             for i in live:
                 last_eval[i] = _numeric(evals[i])

@@ -178,7 +178,7 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
             _coerce(k, kt, f"{key} key", src): _coerce(v, vt, f"{key}.{k}", src)
             for k, v in value.items()
         }
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, key, src)
     if tp is bool:
         if not isinstance(value, bool):
@@ -218,6 +218,7 @@ def _coerce_tagged(value: Any, choices: dict[str, type], nullable: bool, key: st
     if any(type(value) is cls for cls in choices.values()):
         return value
     names = ", ".join(choices)
+    params: Any
     if isinstance(value, str):
         name, params = value, {}
     elif isinstance(value, dict) and len(value) == 1:

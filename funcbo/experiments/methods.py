@@ -37,7 +37,7 @@ import dataclasses
 import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -58,13 +58,14 @@ class _SpecMeta(type):
     called without one builds that kind."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        spec = cast("type[MethodSpec]", cls)  # the metaclass of MethodSpec only
         kind = kwargs.pop("kind", None)
-        if kind is None and not cls.kind and getattr(cls, "default_kind", ""):
-            kind = cls.default_kind
-        if kind is not None and kind != cls.kind:
+        if kind is None and not spec.kind and spec.default_kind:
+            kind = spec.default_kind
+        if kind is not None and kind != spec.kind:
             if args:
                 raise TypeError(f"{cls.__name__}(kind={kind!r}, ...) takes keyword fields only")
-            return make_method(kind, cls, **kwargs)
+            return make_method(kind, spec, **kwargs)
         return super().__call__(*args, **kwargs)
 
 
@@ -82,9 +83,11 @@ class MethodSpec(metaclass=_SpecMeta):
             when the spec has no such field.
         legacy_defaults: former flat fields dropped only at these values (their former
             defaults): another value was an error for a kind without the field, and stays one.
+        default_kind: the kind a base class called without ``kind=`` builds ("": itself).
     """
 
     kind: ClassVar[str] = ""
+    default_kind: ClassVar[str] = ""
     scope: ClassVar[str] = "library"
     legacy_fields: ClassVar[tuple[str, ...]] = ()
     legacy_defaults: ClassVar[dict[str, Any]] = {}
@@ -425,9 +428,8 @@ class GradientPenaltyMethod(EstimatorMethod):
     penalty: float = 10.0
 
     def _build(self, context: BuildContext) -> HypergradientEstimator:
-        return GradientPenalty(
-            context.inner_model, self._inner_opt(context), self.inner_steps, penalty=self.penalty
-        )
+        opt = self.inner_optimizer_for(context.inner_model.parameters())
+        return GradientPenalty(context.inner_model, opt, self.inner_steps, penalty=self.penalty)
 
 
 @register_method("value_penalty")
@@ -438,9 +440,8 @@ class ValuePenaltyMethod(EstimatorMethod):
     penalty: float = 10.0
 
     def _build(self, context: BuildContext) -> HypergradientEstimator:
-        return ValuePenalty(
-            context.inner_model, self._inner_opt(context), self.inner_steps, penalty=self.penalty
-        )
+        opt = self.inner_optimizer_for(context.inner_model.parameters())
+        return ValuePenalty(context.inner_model, opt, self.inner_steps, penalty=self.penalty)
 
 
 # ------------------------------------------------------------------ legacy flat configs
@@ -477,6 +478,7 @@ def translate_legacy(kind: str, data: dict[str, Any], scope: str = "library") ->
     ]
     if "solver" in own and (isinstance(out.get("solver"), str) or solver_keys):
         solver = out.get("solver", "cg")
+        params: dict[str, Any]
         if isinstance(solver, str):
             name, params = solver, {}
         elif isinstance(solver, dict) and len(solver) == 1:

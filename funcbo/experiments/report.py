@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -133,7 +133,7 @@ def area_under_curve(iterations: Any, values: Any) -> float:
     return float(np.sum(np.diff(t) * (y[1:] + y[:-1]) / 2.0) / span)
 
 
-def _is_number(x: Any) -> bool:
+def _is_number(x: Any) -> TypeGuard[int | float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -870,10 +870,10 @@ def make_report(
         wall[v] = describe(w for w in walls if _is_number(w))
         rates = []
         for r in finished[v]:
-            w = r.summary.get("wall_time_s")
-            it = r.summary.get("iteration", r.summary.get("iterations"))
-            if _is_number(w) and _is_number(it) and w > 0:
-                rates.append(it / w)
+            seconds = r.summary.get("wall_time_s")
+            iters = r.summary.get("iteration", r.summary.get("iterations"))
+            if _is_number(seconds) and _is_number(iters) and seconds > 0:
+                rates.append(iters / seconds)
         ips[v] = describe(rates)
         aucs = []
         for r in finished[v]:
