@@ -2,7 +2,7 @@
 #   make demo    the main job: a small reproduction that runs in minutes on a CPU
 #   make test    the test suite
 #   make bench   cost benchmarks (tables + JSON under benchmarks/results/)
-#   make lint    ruff lint + format check
+#   make lint    ruff lint + format check, mypy
 # TORCH_SPEC picks the PyTorch build installed first (any torch >= 2.2 works with funcbo).
 
 PYTHON ?= python3
@@ -34,6 +34,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -408,7 +408,7 @@ class BatchedUpdater:
             q_loss, _ = self._q_step(b, y_model)
         self.polyak()
         out = self._hypergradient(b)
-        self.model_opt.step(out.pop("_grads"))  # type: ignore[arg-type]
+        self.model_opt.step(out.pop("_grads"))
         return {"q_loss": q_loss, "model_mse": model_mse, "reward_mse": reward_mse, **out}
 
     def _hypergradient(self, b: dict[str, Tensor]) -> dict[str, Any]:

@@ -220,7 +220,7 @@ class RLBilevelMethod(RLModelMethod):
 
 @dataclass
 class _PointwiseFuncID(RLBilevelMethod):
-    def estimator(self, problem, q_inner, model, target_q, batch_size=256):  # type: ignore[no-untyped-def]
+    def estimator(self, problem, q_inner, model, target_q, batch_size=256):
         from funcbo.apps.rl.methods import pointwise_funcid
 
         return pointwise_funcid(self, problem, q_inner, model, target_q, batch_size)
@@ -282,7 +282,7 @@ class FuncIDNetworkRL(RLBilevelMethod):
                 f"RL method {self.kind}: adjoint_init must be 'fresh', 'inner' or 'zero'"
             )
 
-    def estimator(self, problem, q_inner, model, target_q, batch_size=256):  # type: ignore[no-untyped-def]
+    def estimator(self, problem, q_inner, model, target_q, batch_size=256):
         from funcbo.apps.rl.methods import network_funcid
 
         return network_funcid(self, problem, q_inner, model, target_q, batch_size)
@@ -293,7 +293,7 @@ class FuncIDNetworkRL(RLBilevelMethod):
 class OMD(RLBilevelMethod):
     """OMD: AID with the identity "inverse Hessian" in parameter space."""
 
-    def estimator(self, problem, q_inner, model, target_q, batch_size=256):  # type: ignore[no-untyped-def]
+    def estimator(self, problem, q_inner, model, target_q, batch_size=256):
         from funcbo.linalg import Identity
         from funcbo.parametric import AID
 
@@ -356,7 +356,7 @@ class OMDCG(RLBilevelMethod):
             out["solver"] = {"cg": {**params, **flat}}
         return out
 
-    def estimator(self, problem, q_inner, model, target_q, batch_size=256):  # type: ignore[no-untyped-def]
+    def estimator(self, problem, q_inner, model, target_q, batch_size=256):
         from funcbo.parametric import AID
 
         opt = self.q_optimizer(q_inner.parameters())

@@ -200,8 +200,8 @@ class ValueEnsemble(nn.Module):
 @torch.no_grad()
 def polyak_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """Q̄ ← τ·Q + (1 − τ)·Q̄, parameter by parameter."""
-    tp = [p for p in target.parameters()]
-    op = [p for p in online.parameters()]
+    tp: list[Tensor] = [p for p in target.parameters()]
+    op: list[Tensor] = [p for p in online.parameters()]
     torch._foreach_lerp_(tp, op, tau)
 
 

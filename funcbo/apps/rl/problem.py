@@ -32,6 +32,7 @@ parameters (same tensor versions), that it was computed with, and recompute othe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -153,7 +154,7 @@ _CACHE = "_targets"
 _INPUT = "_inner_input"
 
 
-def _versions(params: list[Tensor]) -> tuple[int, ...]:
+def _versions(params: Sequence[Tensor]) -> tuple[int, ...]:
     return tuple(p._version for p in params)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from funcbo.apps.rl.agent import Agent
 from funcbo.apps.rl.config import FUNCID_KINDS, RL_KINDS, RLMethodConfig, RLProblemConfig
+from funcbo.experiments.methods import make_method
 
 #: environment steps per second of the authors' code (see the module docstring)
 REFERENCE_STEPS_PER_S = {"omd": 220.7, "mle": 130.4, "vep": 130.1}
@@ -36,7 +37,7 @@ def measure(
     Returns:
         ``{"steps_per_s", "ms_per_step", "steps"}``.
     """
-    agent = Agent(problem, RLMethodConfig(kind=kind), seed)
+    agent = Agent(problem, make_method(kind, RLMethodConfig), seed)
     for _ in range(problem.init_steps + warmup):
         agent.step()
     t0 = time.perf_counter()
