@@ -152,7 +152,7 @@ def test_stacked_net_forward_and_adam_match_torch() -> None:
             assert torch.allclose(p[r].T if tr else p[r], q, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["aid", "itd", "funcid"])
+@pytest.mark.parametrize("kind", ["aid", "itd", "gradient_penalty", "value_penalty"])
 def test_methods_without_a_batched_step_are_refused_by_name(kind: str, cache: str) -> None:
     spec = dataclasses.replace(_specs("dfiv", cache)[0], method=f"my_{kind}")
     spec.method_config = paper_method(kind)

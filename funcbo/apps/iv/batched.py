@@ -17,7 +17,10 @@ Batched methods (:data:`BATCHED_KINDS`), on designs without covariates (dSprites
   head: :class:`~funcbo.apps.iv.inner.RidgeHeadInnerSolver`'s feature steps, the output-Hessian
   isotropy probe per run (two fixed Rademacher probes, as :class:`funcbo.linalg.OutputHessian`),
   :class:`funcbo.LinearAdjoint`'s exact solve for isotropic Hessians, the cross term B a and the
-  outer Adam step.
+  outer Adam step;
+* ``funcid`` (network adjoint) with the same inner solver and head: the adjoint network (a
+  stacked copy of the inner model) takes its Adam steps on the adjoint objective run by run
+  (:class:`funcbo.NetworkAdjoint` without holdout), then the cross term and the outer step.
 
 Exactness: from the same state and the same sampled data, run r of a batched step equals the step
 :class:`~funcbo.apps.iv.task.IVTask` takes alone (``tests/test_iv_batched.py``: float64, ≤ 1e-10).
@@ -35,10 +38,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from funcbo.apps.iv.networks import Standardize
+from funcbo.apps.iv.networks import InstrumentModel, Standardize
 
 #: IV method kinds with a batched step
-BATCHED_KINDS = ("dfiv", "funcid_linear")
+BATCHED_KINDS = ("dfiv", "funcid_linear", "funcid")
 
 
 # ------------------------------------------------------------------------------ stacked nets
@@ -218,6 +221,8 @@ def _plain_type(module: nn.Module) -> type:
 def _flatten(module: nn.Module) -> list[nn.Module]:
     if isinstance(module, nn.Sequential):
         return [m for child in module for m in _flatten(child)]
+    if isinstance(module, InstrumentModel):  # h = head ∘ φ
+        return [*_flatten(module.features), module.head]
     return [module]
 
 

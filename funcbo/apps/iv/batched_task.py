@@ -32,6 +32,7 @@ from funcbo.apps.iv.batched import (
 )
 from funcbo.apps.iv.config import (
     DFIVMethod,
+    IVFuncID,
     IVFuncIDLinear,
     RidgeHead,
     as_method_config,
@@ -50,12 +51,15 @@ def unbatched_reason(spec: RunSpec) -> str | None:
         return f"kind {kind} has no batched IV step (batched kinds: {', '.join(BATCHED_KINDS)})"
     if pc.dataset != "dsprites":
         return "only the dSprites design (no covariates) is batched"
-    if isinstance(mc, IVFuncIDLinear):
+    if isinstance(mc, (IVFuncIDLinear, IVFuncID)):
         if not isinstance(mc.inner_solver, RidgeHead):
-            return "funcid_linear is batched with the paper's inner_solver: ridge_head only"
+            return f"{kind} is batched with the paper's inner_solver: ridge_head only"
         if (mc.head or pc.head) != "closed_form":
-            return "funcid_linear is batched with the closed-form outcome head only"
-    opts = [getattr(mc, n, "adam") for n in ("inner_optimizer", "outer_optimizer")]
+            return f"{kind} is batched with the closed-form outcome head only"
+    if isinstance(mc, IVFuncID) and mc.adjoint_holdout > 0:
+        return "funcid is batched without adjoint_holdout only"
+    names = ("inner_optimizer", "outer_optimizer", "adjoint_optimizer")
+    opts = [getattr(mc, n, "adam") for n in names]
     if any(o.lower() != "adam" for o in opts):
         return "batched IV runs use Adam optimizers only"
     return None
@@ -146,9 +150,10 @@ class IVBatchTask(BatchTask):
             adj = ests[0].adjoint  # type: ignore[union-attr]
             self.inner_steps = int(inner[0].steps)
             self.inner_ridge = float(inner[0].ridge)
-            self.adjoint_ridge = float(adj.ridge)
-            self.adjoint_relative = bool(adj.relative)
-            self.solve_dtype = adj.solve_dtype
+            if hasattr(adj, "ridge"):  # LinearAdjoint
+                self.adjoint_ridge = float(adj.ridge)
+                self.adjoint_relative = bool(adj.relative)
+                self.solve_dtype = adj.solve_dtype
             self.phi_opt = StackedAdam(
                 self.phi.params,
                 [s.optimizer for s in inner],
@@ -161,6 +166,17 @@ class IVBatchTask(BatchTask):
                 [self.psi.origin(r) for r in range(R)],
                 self.psi.transposed,
             )
+            self.network_adjoint = isinstance(self.method, IVFuncID)
+            if self.network_adjoint:
+                adjoints = [e.adjoint for e in ests]  # type: ignore[union-attr]
+                self.adjoint = StackedNet([a.model for a in adjoints])
+                self.adjoint_steps = int(adjoints[0].steps)
+                self.adjoint_opt = StackedAdam(
+                    self.adjoint.params,
+                    [a.optimizer for a in adjoints],
+                    [self.adjoint.origin(r) for r in range(R)],
+                    self.adjoint.transposed,
+                )
             heads = [t.inner.head for t in self.tasks]
             self.head_weight = torch.stack([h.weight.detach() for h in heads])
             self.head_bias = torch.stack([h.bias.detach() for h in heads])
@@ -175,6 +191,9 @@ class IVBatchTask(BatchTask):
         self.psi_opt.read_run(r)
         self.phi_opt.read_run(r)
         if not self.is_dfiv:
+            if self.network_adjoint:
+                self.adjoint.read_run(r)
+                self.adjoint_opt.read_run(r)
             head = self.tasks[r].inner.head
             with torch.no_grad():
                 self.head_weight[r].copy_(head.weight)
@@ -187,6 +206,9 @@ class IVBatchTask(BatchTask):
         self.psi_opt.write_run(r)
         self.phi_opt.write_run(r)
         if not self.is_dfiv:
+            if self.network_adjoint:
+                self.adjoint.write_run(r)
+                self.adjoint_opt.write_run(r)
             head = self.tasks[r].inner.head
             with torch.no_grad():
                 head.weight.copy_(self.head_weight[r])
@@ -233,11 +255,7 @@ class IVBatchTask(BatchTask):
     # ------------------------------------------------------------------ step
     def step(self) -> dict[str, Any]:
         inner, outer = self._draw()
-        stats = (
-            self._dfiv_step(inner, outer)
-            if self.is_dfiv
-            else self._funcid_linear_step(inner, outer)
-        )
+        stats = self._dfiv_step(inner, outer) if self.is_dfiv else self._funcid_step(inner, outer)
         for t in self.tasks:
             t.trainer.iteration += 1
         return stats
@@ -276,11 +294,11 @@ class IVBatchTask(BatchTask):
             l2 = loss.detach().double()
         return {"inner_loss": l1, "outer_loss": l2, "grad_norm": gnorm}
 
-    def _funcid_linear_step(
+    def _funcid_step(
         self, batches: list[dict[str, Tensor]], outer_batch: dict[str, Tensor]
     ) -> dict[str, Any]:
-        """FuncID with the closed-form adjoint and the ridge-head inner solver, run by run (the
-        IV task's update: inner run, hypergradient, outer Adam step)."""
+        """FuncID (closed-form or network adjoint) with the ridge-head inner solver, run by run
+        (the IV task's update: inner run, hypergradient, outer Adam step)."""
         psi, phi = self.psi, self.phi
         # Inner run (RidgeHeadInnerSolver.run): feature steps through the ridge head.
         targets: dict[int, Tensor] = {}
@@ -328,8 +346,20 @@ class IVBatchTask(BatchTask):
         with torch.no_grad():
             t_fixed = psi(b_in["t"], training=False)
         c = _isotropic_probe(lambda v: ((t_fixed - v) ** 2).sum(2), v_in)
-        # Closed-form adjoint (LinearAdjoint, isotropic, primal), per run in the solve dtype.
-        a_in, J, lam = self._linear_adjoint(z_in, z_out, g_out.detach(), c)
+        R = self.runs
+        zeros = torch.zeros(R, dtype=torch.float64)
+        if self.network_adjoint:
+            a_in, adjoint_stats = self._network_adjoint(b_in["z"], outer_batch["z"], g_out, c)
+        else:
+            # Closed-form adjoint (LinearAdjoint, isotropic, primal), per run.
+            a_in, J, lam = self._linear_adjoint(z_in, z_out, g_out.detach(), c)
+            adjoint_stats = {
+                "adjoint_loss": J,
+                "adjoint_ridge": lam,
+                "adjoint_cg_iters": zeros.clone(),
+                "adjoint_isotropic": torch.ones(R, dtype=torch.float64),
+                "adjoint_cg_gave_up": zeros.clone(),
+            }
         # B a = ∂_ω ⟨∂_v L_in(ω, v), a⟩ at v = h(x_in)
         v = v_in.clone().requires_grad_(True)
         l_in = ((psi(b_in["t"], training=True) - v) ** 2).sum(2)
@@ -337,20 +367,38 @@ class IVBatchTask(BatchTask):
         cross = torch.autograd.grad(gv, psi.params, grad_outputs=a_in)
         gnorm = grad_norms(cross)
         self.psi_opt.step(cross)
-        R = self.runs
-        zeros = torch.zeros(R, dtype=torch.float64)
         return {
             "outer_loss": l_out.detach().mean(1).double(),
             "inner_loss_at_hypergrad": l_in.detach().mean(1).double(),
             "grad_norm": gnorm,
-            "adjoint_loss": J,
-            "adjoint_ridge": lam,
-            "adjoint_cg_iters": zeros.clone(),
-            "adjoint_isotropic": torch.ones(R, dtype=torch.float64),
-            "adjoint_cg_gave_up": zeros.clone(),
+            **adjoint_stats,
             "inner_loss": last,
             "solver_gave_up_total": self.gave_up_total.clone(),
         }
+
+    def _network_adjoint(
+        self, x_in: Tensor, x_out: Tensor, g_out: Tensor, c: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:class:`funcbo.NetworkAdjoint`'s solve (no holdout, warm start), run by run: K Adam
+        steps on the surrogate mean⟨a, sg(H a)⟩ + mean⟨a, g⟩ (gradient of J), H a = c·a."""
+        net, g = self.adjoint, g_out.detach()
+        first = None
+        for _ in range(self.adjoint_steps):
+            A_in = net(x_in, training=True)
+            A_out = net(x_out, training=True)
+            HA = c[:, :, None] * A_in.detach()
+            lin = (A_out * g).sum(2).mean(1)
+            quad = (A_in * HA).sum(2).mean(1)
+            grads = torch.autograd.grad((quad + lin).sum(), net.params)
+            if first is None:
+                first = (0.5 * quad.detach() + lin.detach()).double()
+            self.adjoint_opt.step(grads)
+        with torch.no_grad():
+            A_in = net(x_in, training=True)
+            A_out = net(x_out, training=True)
+            J = 0.5 * (A_in * (c[:, :, None] * A_in)).sum(2).mean(1) + (A_out * g).sum(2).mean(1)
+        assert first is not None
+        return A_in.detach(), {"adjoint_loss": J.double(), "adjoint_loss_first": first}
 
     def _linear_adjoint(
         self, z_in: Tensor, z_out: Tensor, g_out: Tensor, c: Tensor
