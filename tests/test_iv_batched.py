@@ -26,6 +26,7 @@ from funcbo.experiments.batch import plan_jobs
 from funcbo.experiments.config import ConfigError, load_config_dict, plan_runs
 from funcbo.experiments.runner import run_sweep
 from funcbo.experiments.task import RunSpec
+from funcbo.linalg import Neumann
 
 TINY = {
     "dataset": "dsprites",
@@ -45,9 +46,21 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("ivcache"))
 
 
-def _specs(kind: str, cache: str, **problem: object) -> list[RunSpec]:
+#: (kind, method overrides) of every batched method the tests step
+CASES = [
+    ("dfiv", {}),
+    ("funcid_linear", {}),
+    ("funcid", {}),
+    ("aid", {}),  # the paper's: textbook CG(2) from the warm start
+    ("aid", {"solver": Neumann(iters=3, lr=0.005)}),  # a contracting series (lr < 2/λ_max)
+]
+
+
+def _specs(
+    kind: str, cache: str, method: dict[str, object] | None = None, **problem: object
+) -> list[RunSpec]:
     cfg = IVProblemConfig(cache_dir=cache, **{**TINY, **problem})  # type: ignore[arg-type]
-    mc = paper_method(kind, inner_steps=3)
+    mc = paper_method(kind, inner_steps=3, **(method or {}))
     return [
         RunSpec("iv_dsprites", kind, mc, cfg, seed=s, iterations=5, dtype="float64") for s in SEEDS
     ]
@@ -79,11 +92,17 @@ def _close(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
     return 0.0 if a == b or (math.isnan(a) and math.isnan(b)) else abs(a - b)
 
 
+def test_every_batched_kind_is_tested() -> None:
+    assert {k for k, _ in CASES} == set(BATCHED_KINDS)
+
+
 @pytest.mark.parametrize("batches", ["full", "minibatch"])
-@pytest.mark.parametrize("kind", BATCHED_KINDS)
-def test_a_batched_step_is_every_runs_lone_step(kind: str, batches: str, cache: str) -> None:
+@pytest.mark.parametrize(("kind", "method"), CASES)
+def test_a_batched_step_is_every_runs_lone_step(
+    kind: str, method: dict[str, object], batches: str, cache: str
+) -> None:
     sizes = {} if batches == "full" else {"inner_batch_size": 40, "outer_batch_size": 30}
-    specs = _specs(kind, cache, **sizes)
+    specs = _specs(kind, cache, method, **sizes)
     alone = [IVTask(s) for s in specs]
     # Different states: run r first takes r + 1 steps alone.
     for r, task in enumerate(alone):
@@ -152,7 +171,7 @@ def test_stacked_net_forward_and_adam_match_torch() -> None:
             assert torch.allclose(p[r].T if tr else p[r], q, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["aid", "itd", "gradient_penalty", "value_penalty"])
+@pytest.mark.parametrize("kind", ["itd", "gradient_penalty", "value_penalty"])
 def test_methods_without_a_batched_step_are_refused_by_name(kind: str, cache: str) -> None:
     spec = dataclasses.replace(_specs("dfiv", cache)[0], method=f"my_{kind}")
     spec.method_config = paper_method(kind)

@@ -25,12 +25,16 @@ from funcbo.apps.iv.batched import (
     StackedAdam,
     StackedNet,
     add_intercept,
+    batched_cg,
+    batched_neumann,
     grad_norms,
     ridge_fit,
     ridge_objective,
     ridge_predict,
+    run_norm,
 )
 from funcbo.apps.iv.config import (
+    IVAID,
     DFIVMethod,
     IVFuncID,
     IVFuncIDLinear,
@@ -40,6 +44,7 @@ from funcbo.apps.iv.config import (
 )
 from funcbo.apps.iv.task import IVTask
 from funcbo.experiments.task import BatchTask, RunSpec
+from funcbo.linalg import CG, Identity, Neumann
 
 
 def unbatched_reason(spec: RunSpec) -> str | None:
@@ -56,6 +61,13 @@ def unbatched_reason(spec: RunSpec) -> str | None:
             return f"{kind} is batched with the paper's inner_solver: ridge_head only"
         if (mc.head or pc.head) != "closed_form":
             return f"{kind} is batched with the closed-form outcome head only"
+    if isinstance(mc, IVAID):
+        if not mc.features_formulation:
+            return "aid is batched in the paper's formulation: features only"
+        if isinstance(mc.solver, CG) and mc.solver.safeguards:
+            return "aid is batched with the paper's textbook CG only (cg_safeguards: false)"
+        if not getattr(mc, "warm_start", True):
+            return "aid is batched with its warm start only"
     if isinstance(mc, IVFuncID) and mc.adjoint_holdout > 0:
         return "funcid is batched without adjoint_holdout only"
     names = ("inner_optimizer", "outer_optimizer", "adjoint_optimizer")
@@ -117,6 +129,7 @@ class IVBatchTask(BatchTask):
         self.config = t0.config
         self.method = t0.method
         self.is_dfiv = isinstance(self.method, DFIVMethod)
+        self.is_aid = self.network_adjoint = False
         # Data: one stacked copy; each run's tensors become views of it.
         self.stage1 = _stack_parts([t.tensors.stage1 for t in self.tasks])
         self.stage2 = _stack_parts([t.tensors.stage2 for t in self.tasks])
@@ -147,10 +160,21 @@ class IVBatchTask(BatchTask):
         else:
             ests = [t.estimator for t in self.tasks]
             inner = [e.inner for e in ests]  # type: ignore[union-attr]
-            adj = ests[0].adjoint  # type: ignore[union-attr]
             self.inner_steps = int(inner[0].steps)
-            self.inner_ridge = float(inner[0].ridge)
-            if hasattr(adj, "ridge"):  # LinearAdjoint
+            self.is_aid = isinstance(self.method, IVAID)
+            if self.is_aid:
+                self.solver = ests[0].solver  # type: ignore[union-attr]
+                # the warm start v: φ's trainable parameters in the estimator's order
+                self.aid_v = [torch.zeros_like(p) for p in self.phi.params]
+                self.aid_warm = torch.zeros(R, dtype=torch.bool)
+                self._theta_order = []
+                for r in range(R):
+                    mine = [id(p) for p in self.phi.origin(r)]
+                    theirs = [id(p) for p in self.tasks[r].inner.features.parameters()]
+                    self._theta_order.append([mine.index(i) for i in theirs])
+            adj = getattr(ests[0], "adjoint", None)
+            self.inner_ridge = float(getattr(inner[0], "ridge", self.lam1))
+            if adj is not None and hasattr(adj, "ridge"):  # LinearAdjoint
                 self.adjoint_ridge = float(adj.ridge)
                 self.adjoint_relative = bool(adj.relative)
                 self.solve_dtype = adj.solve_dtype
@@ -191,6 +215,13 @@ class IVBatchTask(BatchTask):
         self.psi_opt.read_run(r)
         self.phi_opt.read_run(r)
         if not self.is_dfiv:
+            if self.is_aid:
+                v = self.tasks[r].estimator._v  # type: ignore[union-attr]
+                self.aid_warm[r] = v is not None
+                with torch.no_grad():
+                    for k, j in enumerate(self._theta_order[r]):
+                        tr = self.phi.transposed[j]
+                        self.aid_v[j][r] = 0 if v is None else (v[k].T if tr else v[k])
             if self.network_adjoint:
                 self.adjoint.read_run(r)
                 self.adjoint_opt.read_run(r)
@@ -206,6 +237,16 @@ class IVBatchTask(BatchTask):
         self.psi_opt.write_run(r)
         self.phi_opt.write_run(r)
         if not self.is_dfiv:
+            if self.is_aid:
+                est = self.tasks[r].estimator
+                est._v = (  # type: ignore[union-attr]
+                    tuple(
+                        (self.aid_v[j][r].T if self.phi.transposed[j] else self.aid_v[j][r]).clone()
+                        for j in self._theta_order[r]
+                    )
+                    if bool(self.aid_warm[r])
+                    else None
+                )
             if self.network_adjoint:
                 self.adjoint.write_run(r)
                 self.adjoint_opt.write_run(r)
@@ -255,7 +296,12 @@ class IVBatchTask(BatchTask):
     # ------------------------------------------------------------------ step
     def step(self) -> dict[str, Any]:
         inner, outer = self._draw()
-        stats = self._dfiv_step(inner, outer) if self.is_dfiv else self._funcid_step(inner, outer)
+        if self.is_dfiv:
+            stats = self._dfiv_step(inner, outer)
+        elif self.is_aid:
+            stats = self._aid_step(inner, outer)
+        else:
+            stats = self._funcid_step(inner, outer)
         for t in self.tasks:
             t.trainer.iteration += 1
         return stats
@@ -372,6 +418,85 @@ class IVBatchTask(BatchTask):
             "inner_loss_at_hypergrad": l_in.detach().mean(1).double(),
             "grad_norm": gnorm,
             **adjoint_stats,
+            "inner_loss": last,
+            "solver_gave_up_total": self.gave_up_total.clone(),
+        }
+
+    def _aid_step(
+        self, batches: list[dict[str, Tensor]], outer_batch: dict[str, Tensor]
+    ) -> dict[str, Any]:
+        """AID in the feature formulation, run by run (the IV task's update: the inner Adam
+        steps on φ, :meth:`funcbo.AID.hypergradient` on
+        :class:`~funcbo.apps.iv.problem.IVFeatureProblem`, the outer Adam step)."""
+        psi, phi, lam1, lam2 = self.psi, self.phi, self.lam1, self.lam2
+        targets: dict[int, Tensor] = {}
+        last = torch.full((self.runs,), float("nan"), dtype=torch.float64)
+        for k in range(self.inner_steps):  # ω fixed: ψ(t) in eval mode, once per batch
+            b = batches[k % len(batches)]
+            if id(b) not in targets:
+                with torch.no_grad():
+                    targets[id(b)] = psi(b["t"], training=False)
+            features = phi(b["z"], training=True)
+            loss = ridge_objective(
+                features, targets[id(b)], ridge_fit(features, targets[id(b)], lam1), lam1
+            )
+            self.phi_opt.step(torch.autograd.grad(loss.sum(), phi.params))
+            last = loss.detach().double()
+        b1 = batches[-1]
+        n = b1["t"].shape[1]
+        # outer loss: DFIV's stage-2 objective with the stage-1 head refitted on ψ_ω(t₁)
+        pred_out = phi(torch.cat([b1["z"], outer_batch["z"]], 1), training=True)
+        W1 = ridge_fit(pred_out[:, :n], psi(b1["t"], training=True), lam1)
+        V2 = ridge_predict(pred_out[:, n:], W1)
+        y = outer_batch["y"]
+        W2 = ridge_fit(V2, y, lam2)
+        l_out = ridge_objective(V2, y, W2, lam2)
+        grads = torch.autograd.grad(l_out.sum(), [*phi.params, *psi.params])
+        g_theta, g_omega = grads[: len(phi.params)], grads[len(phi.params) :]
+        # inner loss with ω's graph, its θ-gradient with a graph for the Hessian products
+        pred_in = phi(b1["z"], training=True)
+        psi_in = psi(b1["t"], training=True)
+        l_in = ridge_objective(pred_in, psi_in, ridge_fit(pred_in, psi_in, lam1), lam1)
+        G = torch.autograd.grad(l_in.sum(), phi.params, create_graph=True)
+
+        def matvec(v: list[Tensor]) -> list[Tensor]:
+            return list(torch.autograd.grad(G, phi.params, v, retain_graph=True))
+
+        R = self.runs
+        solver = self.solver
+        x0 = self.aid_v
+        iters = torch.zeros(R, dtype=torch.float64)
+        diverged = torch.zeros(R, dtype=torch.float64)
+        if isinstance(solver, CG):
+            A = matvec
+            if solver.damping:
+                A = lambda v: [h + solver.damping * t for h, t in zip(matvec(v), v, strict=True)]  # noqa: E731
+            v, it, _, div = batched_cg(
+                A, g_theta, x0, self.aid_warm, maxiter=solver.maxiter, tol=solver.tol
+            )
+            iters, diverged = it.double(), div.double()
+        elif isinstance(solver, Neumann):
+            v = batched_neumann(
+                matvec, g_theta, x0, self.aid_warm, iters=solver.iters, lr=solver.lr
+            )
+            iters = torch.full((R,), float(solver.iters), dtype=torch.float64)
+        else:
+            assert isinstance(solver, Identity)
+            v = [solver.scale * t for t in g_theta]
+        self.aid_v = [t.detach() for t in v]
+        self.aid_warm[:] = True
+        cross = torch.autograd.grad(G, psi.params, v)
+        total = [go + -1.0 * c for go, c in zip(g_omega, cross, strict=True)]
+        gnorm = grad_norms(total)
+        self.psi_opt.step(total)
+        return {
+            "outer_loss": l_out.detach().double(),
+            "inner_loss_at_hypergrad": l_in.detach().double(),
+            "grad_norm": gnorm,
+            "solver_iters": iters,
+            "solver_gave_up": torch.zeros(R, dtype=torch.float64),
+            "solver_diverged": diverged,
+            "dual_norm": run_norm(v),
             "inner_loss": last,
             "solver_gave_up_total": self.gave_up_total.clone(),
         }
