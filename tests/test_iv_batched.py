@@ -26,7 +26,7 @@ from funcbo.experiments.batch import plan_jobs
 from funcbo.experiments.config import ConfigError, load_config_dict, plan_runs
 from funcbo.experiments.runner import run_sweep
 from funcbo.experiments.task import RunSpec
-from funcbo.linalg import Neumann
+from funcbo.linalg import CG, Neumann
 
 TINY = {
     "dataset": "dsprites",
@@ -53,6 +53,9 @@ CASES = [
     ("funcid", {}),
     ("aid", {}),  # the paper's: textbook CG(2) from the warm start
     ("aid", {"solver": Neumann(iters=3, lr=0.005)}),  # a contracting series (lr < 2/λ_max)
+    ("itd", {"unroll": 4, "truncate": 2}),
+    ("gradient_penalty", {}),
+    ("value_penalty", {}),
 ]
 
 
@@ -92,12 +95,24 @@ def _close(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
     return 0.0 if a == b or (math.isnan(a) and math.isnan(b)) else abs(a - b)
 
 
+CASE_IDS = [
+    "dfiv",
+    "funcid_linear",
+    "funcid",
+    "aid_cg",
+    "aid_neumann",
+    "itd",
+    "gradient_penalty",
+    "value_penalty",
+]
+
+
 def test_every_batched_kind_is_tested() -> None:
     assert {k for k, _ in CASES} == set(BATCHED_KINDS)
 
 
 @pytest.mark.parametrize("batches", ["full", "minibatch"])
-@pytest.mark.parametrize(("kind", "method"), CASES)
+@pytest.mark.parametrize(("kind", "method"), CASES, ids=CASE_IDS)
 def test_a_batched_step_is_every_runs_lone_step(
     kind: str, method: dict[str, object], batches: str, cache: str
 ) -> None:
@@ -171,10 +186,20 @@ def test_stacked_net_forward_and_adam_match_torch() -> None:
             assert torch.allclose(p[r].T if tr else p[r], q, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["itd", "gradient_penalty", "value_penalty"])
-def test_methods_without_a_batched_step_are_refused_by_name(kind: str, cache: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [
+        ("aid", {"formulation": "functional"}),
+        ("aid", {"solver": CG(maxiter=2)}),  # CG with its safeguards
+        ("itd", {"formulation": "functional"}),
+        ("funcid_linear", {"inner_solver": "gradient"}),
+    ],
+)
+def test_variants_without_a_batched_step_are_refused_by_name(
+    kind: str, fields: dict[str, object], cache: str
+) -> None:
     spec = dataclasses.replace(_specs("dfiv", cache)[0], method=f"my_{kind}")
-    spec.method_config = paper_method(kind)
+    spec.method_config = paper_method(kind, **fields)
     with pytest.raises(ConfigError, match=f"my_{kind}"):
         batch_key(spec)
     with pytest.raises(ValueError, match="cannot be batched"):

@@ -24,7 +24,14 @@ Batched methods (:data:`BATCHED_KINDS`), on designs without covariates (dSprites
 * ``aid`` in the authors' feature formulation (:class:`~funcbo.apps.iv.problem.IVFeatureProblem`,
   the paper's): the inner Adam steps on the feature network, then :class:`funcbo.AID`'s
   parameter-space solve with a warm start, by textbook CG (``safeguards=False``, the paper's;
-  per-run inner products, step sizes and stopping: :func:`batched_cg`), Neumann or Identity.
+  per-run inner products, step sizes and stopping: :func:`batched_cg`), Neumann or Identity;
+* ``itd`` (feature formulation): :class:`funcbo.ITD`'s unrolled gradient steps on the stacked
+  feature network's tensors (``params=``, as ``functional_call``), the graph kept through the
+  last ``truncate`` steps, without momentum;
+* ``gradient_penalty`` and ``value_penalty`` (feature formulation): the θ-steps on the
+  penalised objectives (a Hessian product per step for the gradient penalty; the value
+  network's own steps for the value penalty), then the outer gradient of
+  :class:`funcbo.GradientPenalty` / :class:`funcbo.ValuePenalty`.
 
 Exactness: from the same state and the same sampled data, run r of a batched step equals the step
 :class:`~funcbo.apps.iv.task.IVTask` takes alone (``tests/test_iv_batched.py``: float64, ≤ 1e-10).
@@ -45,7 +52,15 @@ from torch.nn.utils import parametrize
 from funcbo.apps.iv.networks import InstrumentModel, Standardize
 
 #: IV method kinds with a batched step
-BATCHED_KINDS = ("dfiv", "funcid_linear", "funcid", "aid")
+BATCHED_KINDS = (
+    "dfiv",
+    "funcid_linear",
+    "funcid",
+    "aid",
+    "itd",
+    "gradient_penalty",
+    "value_penalty",
+)
 
 
 # ------------------------------------------------------------------------------ stacked nets
@@ -86,14 +101,14 @@ class StackedNet:
         self._origin: list[list[Tensor]] = [[] for _ in nets]  # run r's parameters
         self._buffers: list[tuple[_Layer, str, list[Tensor]]] = []  # (layer, attr, per run)
 
-        def stack_param(tensors: list[Tensor], transpose: bool = False) -> Tensor:
+        def stack_param(tensors: list[Tensor], transpose: bool = False) -> int:
             p = torch.stack([t.detach().T if transpose else t.detach() for t in tensors])
             p.requires_grad_(True)
             self.params.append(p)
             self.transposed.append(transpose)
             for r, t in enumerate(tensors):
                 self._origin[r].append(t)
-            return p
+            return len(self.params) - 1  # layers refer to their tensors by index
 
         def stack_buffer(layer: _Layer, attr: str, tensors: list[Tensor]) -> None:
             setattr(layer, attr, torch.stack([t.detach() for t in tensors]))
@@ -143,17 +158,21 @@ class StackedNet:
             self.layers.append(layer)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x: Tensor, *, training: bool) -> Tensor:
+    def __call__(
+        self, x: Tensor, *, training: bool, params: Sequence[Tensor] | None = None
+    ) -> Tensor:
         """The R networks on ``x`` ``[R, B, in]`` → ``[R, B, out]``; ``training``: spectral
-        norms take one power iteration first (as torch's parametrization in training mode)."""
+        norms take one power iteration first (as torch's parametrization in training mode);
+        ``params``: tensors used in place of :attr:`params` (as ``functional_call``)."""
+        P = self.params if params is None else params
         for layer in self.layers:
             k = layer.kind
             if k == "linear":
-                Wt = self._weight(layer, training)
+                Wt = self._weight(layer, P[layer.weight], training)
                 if layer.bias is None:
                     x = torch.bmm(x, Wt)
                 else:
-                    x = torch.baddbmm(layer.bias[:, None, :], x, Wt)
+                    x = torch.baddbmm(P[layer.bias][:, None, :], x, Wt)
             elif k == "relu":
                 x = torch.relu(x)
             elif k == "tanh":
@@ -161,9 +180,9 @@ class StackedNet:
             elif k == "layernorm":
                 x = F.layer_norm(x, layer.shape, eps=layer.eps)
                 if layer.weight is not None:
-                    x = x * layer.weight[:, None, :]
+                    x = x * P[layer.weight][:, None, :]
                 if layer.bias is not None:
-                    x = x + layer.bias[:, None, :]
+                    x = x + P[layer.bias][:, None, :]
             else:  # standardize
                 x = (x - layer.mean[:, None]) / layer.std[:, None]
         return x
@@ -173,12 +192,11 @@ class StackedNet:
         with torch.no_grad():
             for layer in self.layers:
                 if layer.kind == "linear" and layer.sn:
-                    self._power(layer)
+                    self._power(layer, self.params[layer.weight])
 
-    def _power(self, layer: _Layer) -> None:
+    def _power(self, layer: _Layer, Wt: Tensor) -> None:
         # u ← W v/‖W v‖, v ← Wᵀu/‖Wᵀu‖ with W = Wtᵀ (as torch's _SpectralNorm._power_method)
         with torch.no_grad():
-            Wt = layer.weight
             layer.u = F.normalize(
                 torch.bmm(layer.v[:, None, :], Wt).squeeze(1), dim=1, eps=layer.eps
             )
@@ -186,12 +204,11 @@ class StackedNet:
                 torch.bmm(Wt, layer.u[:, :, None]).squeeze(2), dim=1, eps=layer.eps
             )
 
-    def _weight(self, layer: _Layer, training: bool) -> Tensor:
-        Wt = layer.weight
+    def _weight(self, layer: _Layer, Wt: Tensor, training: bool) -> Tensor:
         if not layer.sn:
             return Wt
         if training:
-            self._power(layer)
+            self._power(layer, Wt)
         sigma = (layer.u * torch.bmm(layer.v[:, None, :], Wt).squeeze(1)).sum(1)  # uᵀ W v
         return Wt / sigma[:, None, None]
 

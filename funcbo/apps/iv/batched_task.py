@@ -8,9 +8,12 @@ would draw them. A run's :meth:`~IVBatchTask.state_dict` is its own task's state
 copied back into its networks and optimizers first), so a batched checkpoint holds exactly what
 an unbatched one does; evaluation runs each run's own networks.
 
-Methods without a batched step (:data:`~funcbo.apps.iv.batched.BATCHED_KINDS` lists those
-with one) are refused: :func:`batch_key` raises a :class:`~funcbo.experiments.config.ConfigError`
-naming the method before anything runs (``funcbo run`` without ``--batch-seeds`` runs them).
+Every IV method kind has a batched step, in the settings the paper protocol uses
+(:func:`unbatched_reason` lists what is not batched: the demand design, the functional
+formulation of the parametric baselines, FuncID's gradient inner solver, CG with its
+safeguards, ...). A run in such a setting is refused: :func:`batch_key` raises a
+:class:`~funcbo.experiments.config.ConfigError` naming the method before anything runs
+(``funcbo run`` without ``--batch-seeds`` runs it).
 """
 
 from __future__ import annotations
@@ -35,9 +38,13 @@ from funcbo.apps.iv.batched import (
 )
 from funcbo.apps.iv.config import (
     IVAID,
+    IVITD,
     DFIVMethod,
+    FeatureOption,
     IVFuncID,
     IVFuncIDLinear,
+    IVGradientPenalty,
+    IVValuePenalty,
     RidgeHead,
     as_method_config,
     as_problem_config,
@@ -61,9 +68,9 @@ def unbatched_reason(spec: RunSpec) -> str | None:
             return f"{kind} is batched with the paper's inner_solver: ridge_head only"
         if (mc.head or pc.head) != "closed_form":
             return f"{kind} is batched with the closed-form outcome head only"
+    if isinstance(mc, FeatureOption) and not mc.features_formulation:
+        return f"{kind} is batched in the paper's formulation (formulation: features) only"
     if isinstance(mc, IVAID):
-        if not mc.features_formulation:
-            return "aid is batched in the paper's formulation: features only"
         if isinstance(mc.solver, CG) and mc.solver.safeguards:
             return "aid is batched with the paper's textbook CG only (cg_safeguards: false)"
         if not getattr(mc, "warm_start", True):
@@ -129,7 +136,8 @@ class IVBatchTask(BatchTask):
         self.config = t0.config
         self.method = t0.method
         self.is_dfiv = isinstance(self.method, DFIVMethod)
-        self.is_aid = self.network_adjoint = False
+        self.is_aid = self.network_adjoint = self.is_itd = False
+        self.penalty_kind: str | None = None
         # Data: one stacked copy; each run's tensors become views of it.
         self.stage1 = _stack_parts([t.tensors.stage1 for t in self.tasks])
         self.stage2 = _stack_parts([t.tensors.stage2 for t in self.tasks])
@@ -159,8 +167,16 @@ class IVBatchTask(BatchTask):
             )
         else:
             ests = [t.estimator for t in self.tasks]
-            inner = [e.inner for e in ests]  # type: ignore[union-attr]
-            self.inner_steps = int(inner[0].steps)
+            inner = [getattr(e, "inner", None) for e in ests]
+            if isinstance(self.method, IVITD):
+                itd = ests[0]
+                self.inner_steps = int(itd.unroll)  # type: ignore[union-attr]
+                self.itd_lr = float(itd.lr)  # type: ignore[union-attr]
+                self.itd_truncate = int(itd.truncate)  # type: ignore[union-attr]
+                if itd.momentum:  # type: ignore[union-attr]
+                    raise ValueError("batched ITD runs without momentum only")
+            else:
+                self.inner_steps = int(inner[0].steps)  # type: ignore[union-attr]
             self.is_aid = isinstance(self.method, IVAID)
             if self.is_aid:
                 self.solver = ests[0].solver  # type: ignore[union-attr]
@@ -172,17 +188,41 @@ class IVBatchTask(BatchTask):
                     mine = [id(p) for p in self.phi.origin(r)]
                     theirs = [id(p) for p in self.tasks[r].inner.features.parameters()]
                     self._theta_order.append([mine.index(i) for i in theirs])
+            self.is_itd = isinstance(self.method, IVITD)
+            self.penalty_kind = (
+                "gradient"
+                if isinstance(self.method, IVGradientPenalty)
+                else "value"
+                if isinstance(self.method, IVValuePenalty)
+                else None
+            )
+            if self.penalty_kind is not None:
+                self.penalty = float(ests[0].penalty)  # type: ignore[union-attr]
+            if self.penalty_kind == "value":
+                values = [e.value for e in ests]  # type: ignore[union-attr]
+                self.value_net = StackedNet([v.model for v in values])
+                self.value_steps = int(values[0].steps)
+                self.value_opt = StackedAdam(
+                    self.value_net.params,
+                    [v.optimizer for v in values],
+                    [self.value_net.origin(r) for r in range(R)],
+                    self.value_net.transposed,
+                )
             adj = getattr(ests[0], "adjoint", None)
             self.inner_ridge = float(getattr(inner[0], "ridge", self.lam1))
             if adj is not None and hasattr(adj, "ridge"):  # LinearAdjoint
                 self.adjoint_ridge = float(adj.ridge)
                 self.adjoint_relative = bool(adj.relative)
                 self.solve_dtype = adj.solve_dtype
-            self.phi_opt = StackedAdam(
-                self.phi.params,
-                [s.optimizer for s in inner],
-                [self.phi.origin(r) for r in range(R)],
-                self.phi.transposed,
+            self.phi_opt = (
+                None
+                if self.is_itd
+                else StackedAdam(
+                    self.phi.params,
+                    [s.optimizer for s in inner],  # type: ignore[union-attr]
+                    [self.phi.origin(r) for r in range(R)],
+                    self.phi.transposed,
+                )
             )
             self.psi_opt = StackedAdam(
                 self.psi.params,
@@ -213,7 +253,11 @@ class IVBatchTask(BatchTask):
         self.psi.read_run(r)
         self.phi.read_run(r)
         self.psi_opt.read_run(r)
-        self.phi_opt.read_run(r)
+        if self.phi_opt is not None:
+            self.phi_opt.read_run(r)
+        if self.penalty_kind == "value":
+            self.value_net.read_run(r)
+            self.value_opt.read_run(r)
         if not self.is_dfiv:
             if self.is_aid:
                 v = self.tasks[r].estimator._v  # type: ignore[union-attr]
@@ -235,7 +279,11 @@ class IVBatchTask(BatchTask):
         self.psi.write_run(r)
         self.phi.write_run(r)
         self.psi_opt.write_run(r)
-        self.phi_opt.write_run(r)
+        if self.phi_opt is not None:
+            self.phi_opt.write_run(r)
+        if self.penalty_kind == "value":
+            self.value_net.write_run(r)
+            self.value_opt.write_run(r)
         if not self.is_dfiv:
             if self.is_aid:
                 est = self.tasks[r].estimator
@@ -300,6 +348,10 @@ class IVBatchTask(BatchTask):
             stats = self._dfiv_step(inner, outer)
         elif self.is_aid:
             stats = self._aid_step(inner, outer)
+        elif self.is_itd:
+            stats = self._itd_step(inner, outer)
+        elif self.penalty_kind is not None:
+            stats = self._penalty_step(inner, outer)
         else:
             stats = self._funcid_step(inner, outer)
         for t in self.tasks:
@@ -500,6 +552,140 @@ class IVBatchTask(BatchTask):
             "inner_loss": last,
             "solver_gave_up_total": self.gave_up_total.clone(),
         }
+
+    def _feature_losses(
+        self,
+        net: StackedNet,
+        b_in: dict[str, Tensor],
+        b_out: dict[str, Tensor],
+        target: Any,
+        params: list[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(L_in, L_out) per run of :class:`~funcbo.apps.iv.problem.IVFeatureProblem` for the
+        feature network ``net`` (predictions first, then ψ, as the library's ``_losses``);
+        ``target(t)`` gives ψ_ω(t) (fixed or with ω's graph)."""
+        lam1, lam2 = self.lam1, self.lam2
+        pred_in = net(b_in["z"], training=True, params=params)
+        pred_out = net(torch.cat([b_out["z1"], b_out["z"]], 1), training=True, params=params)
+        T_in = target(b_in["t"])
+        l_in = ridge_objective(pred_in, T_in, ridge_fit(pred_in, T_in, lam1), lam1)
+        n = b_out["t1"].shape[1]
+        W1 = ridge_fit(pred_out[:, :n], target(b_out["t1"]), lam1)
+        V2 = ridge_predict(pred_out[:, n:], W1)
+        y = b_out["y"]
+        l_out = ridge_objective(V2, y, ridge_fit(V2, y, lam2), lam2)
+        return l_in, l_out
+
+    def _fixed_target(self) -> Any:
+        """ψ_ω(t) with ω fixed: eval mode, no graph, once per treatment tensor."""
+        cache: dict[int, Tensor] = {}
+
+        def target(t: Tensor) -> Tensor:
+            if id(t) not in cache:
+                with torch.no_grad():
+                    cache[id(t)] = self.psi(t, training=False)
+            return cache[id(t)]
+
+        return target
+
+    def _live_target(self, t: Tensor) -> Tensor:
+        """ψ_ω(t) with ω's graph (training mode: its spectral norms iterate)."""
+        return self.psi(t, training=True)
+
+    def _itd_step(
+        self, batches: list[dict[str, Tensor]], outer_batch: dict[str, Tensor]
+    ) -> dict[str, Any]:
+        """:meth:`funcbo.ITD.step` (no momentum) in the feature formulation, run by run."""
+        phi, lam1 = self.phi, self.lam1
+        fixed = self._fixed_target()
+        theta = [p.detach() for p in phi.params]
+        first_diff = self.inner_steps - self.itd_truncate
+        inner_loss = torch.full((self.runs,), float("nan"), dtype=torch.float64)
+        for k in range(self.inner_steps):
+            b = batches[k % len(batches)]
+            diff = k >= first_diff
+            if not diff or k == first_diff:
+                theta = [t.detach().requires_grad_(True) for t in theta]
+            pred = phi(b["z"], training=True, params=theta)
+            T = self._live_target(b["t"]) if diff else fixed(b["t"])
+            loss = ridge_objective(pred, T, ridge_fit(pred, T, lam1), lam1)
+            g = torch.autograd.grad(loss.sum(), theta, create_graph=diff)
+            theta = [t - self.itd_lr * gk for t, gk in zip(theta, g, strict=True)]
+            inner_loss = loss.detach().double()
+        b1 = batches[-1]
+        n = b1["t"].shape[1]
+        pred_out = phi(torch.cat([b1["z"], outer_batch["z"]], 1), training=True, params=theta)
+        W1 = ridge_fit(pred_out[:, :n], self._live_target(b1["t"]), lam1)
+        V2 = ridge_predict(pred_out[:, n:], W1)
+        y = outer_batch["y"]
+        l_out = ridge_objective(V2, y, ridge_fit(V2, y, self.lam2), self.lam2)
+        grads = torch.autograd.grad(l_out.sum(), self.psi.params)
+        with torch.no_grad():
+            for p, t in zip(phi.params, theta, strict=True):
+                p.copy_(t)
+        gnorm = grad_norms(grads)
+        self.psi_opt.step(grads)
+        return {
+            "inner_loss": inner_loss,
+            "outer_loss": l_out.detach().double(),
+            "grad_norm": gnorm,
+            "solver_gave_up_total": self.gave_up_total.clone(),
+        }
+
+    def _penalty_step(
+        self, batches: list[dict[str, Tensor]], outer_batch: dict[str, Tensor]
+    ) -> dict[str, Any]:
+        """:class:`funcbo.GradientPenalty` / :class:`funcbo.ValuePenalty` steps in the feature
+        formulation, run by run (θ-steps on the penalised objective over γ, then the outer
+        gradient of the penalised objective)."""
+        phi, gamma, lam1 = self.phi, self.penalty, self.lam1
+        assert self.phi_opt is not None
+        fixed = self._fixed_target()
+        b1 = batches[-1]
+        b_out = {"z1": b1["z"], "t1": b1["t"], "z": outer_batch["z"], "y": outer_batch["y"]}
+        if self.penalty_kind == "value":
+            net = self.value_net
+            for k in range(self.value_steps):
+                b = batches[k % len(batches)]
+                pred = net(b["z"], training=True)
+                T = fixed(b["t"])
+                loss = ridge_objective(pred, T, ridge_fit(pred, T, lam1), lam1)
+                self.value_opt.step(torch.autograd.grad(loss.sum(), net.params))
+
+        def half_sq_grad(l_in: Tensor) -> Tensor:
+            G = torch.autograd.grad(l_in.sum(), phi.params, create_graph=True)
+            return 0.5 * sum((g**2).flatten(1).sum(1) for g in G)  # type: ignore[return-value]
+
+        for k in range(self.inner_steps):
+            b = batches[k % len(batches)]
+            l_in, l_out = self._feature_losses(phi, b, b_out, fixed)
+            if self.penalty_kind == "gradient":
+                objective = l_out / gamma + half_sq_grad(l_in)
+            else:
+                objective = l_out / gamma + l_in
+            self.phi_opt.step(torch.autograd.grad(objective.sum(), phi.params))
+        l_in, l_out = self._feature_losses(phi, b1, b_out, self._live_target)
+        psi_params = self.psi.params
+        stats: dict[str, Any] = {"inner_loss": l_in.detach().double()}
+        stats["outer_loss"] = l_out.detach().double()
+        if self.penalty_kind == "gradient":
+            pen = half_sq_grad(l_in)
+            total = list(torch.autograd.grad((l_out + gamma * pen).sum(), psi_params))
+            stats["penalty"] = pen.detach().double()
+        else:
+            with torch.no_grad():
+                pred_hat = self.value_net(b1["z"], training=True)
+            T = self._live_target(b1["t"])
+            l_hat = ridge_objective(pred_hat, T, ridge_fit(pred_hat, T, lam1), lam1)
+            g_main = torch.autograd.grad((l_out + gamma * l_in).sum(), psi_params)
+            g_hat = torch.autograd.grad(l_hat.sum(), psi_params)
+            total = [a + -gamma * h for a, h in zip(g_main, g_hat, strict=True)]
+            stats["value_loss"] = l_hat.detach().double()
+            stats["penalty"] = (l_in - l_hat).detach().double()
+        stats["grad_norm"] = grad_norms(total)
+        self.psi_opt.step(total)
+        stats["solver_gave_up_total"] = self.gave_up_total.clone()
+        return stats
 
     def _network_adjoint(
         self, x_in: Tensor, x_out: Tensor, g_out: Tensor, c: Tensor
