@@ -449,6 +449,7 @@ def batched_cg(
         above the starting one).
     """
     b = list(b)
+    warm = warm.to(b[0].device)
     bnorm = run_norm(b)
     x = [torch.zeros_like(t) for t in b]
     r = b
@@ -460,7 +461,7 @@ def batched_cg(
     p = r
     rz = run_dot(r, r)
     res = start = run_norm(r)
-    iters = torch.zeros(len(bnorm), dtype=torch.long)
+    iters = torch.zeros(len(bnorm), dtype=torch.long, device=bnorm.device)
     active = (bnorm > 0) & (res > tol * bnorm)
     bad = torch.zeros_like(active)
     for _ in range(maxiter):
@@ -499,6 +500,7 @@ def batched_neumann(
     """:class:`funcbo.linalg.Neumann` on R systems: x ← x + lr·(b − A x), ``iters`` times,
     from ``x0`` for the runs with ``warm``, else from zero (whose first residual is b)."""
     b = list(b)
+    warm = warm.to(b[0].device)
     if x0 is None or not bool(warm.any()):
         x = [lr * t for t in b]
         start = 1

@@ -732,7 +732,7 @@ class IVBatchTask(BatchTask):
         if self.adjoint_relative:
             lam = self.adjoint_ridge * torch.diagonal(S, dim1=1, dim2=2).sum(1) / q
         else:
-            lam = torch.full((Z.shape[0],), self.adjoint_ridge, dtype=dt)
+            lam = torch.full((Z.shape[0],), self.adjoint_ridge, dtype=dt, device=Z.device)
         lam = lam.clamp_min(torch.finfo(dt).tiny)
         S = S + lam[:, None, None] * torch.eye(q, dtype=dt, device=S.device)
         L, info = torch.linalg.cholesky_ex(S)
