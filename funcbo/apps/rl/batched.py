@@ -30,8 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funcbo.apps.rl.config import RLMethodConfig, RLProblemConfig
-from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, EnsembleMLP
+from funcbo.apps.rl.config import (
+    MLE,
+    VEP,
+    FuncIDNetworkRL,
+    RLBilevelMethod,
+    RLMethodConfig,
+    RLModelMethod,
+    RLProblemConfig,
+)
+from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, EnsembleMLP, ValueEnsemble
 
 #: method kinds with a batched update rule
 BATCHED_KINDS = (
@@ -202,7 +210,7 @@ class BatchedUpdater:
         q: Sequence[DoubleQ],
         target_q: Sequence[DoubleQ],
         models: Sequence[DynamicsModel] | None = None,
-        values: Sequence[nn.Module] | None = None,
+        values: Sequence[ValueEnsemble] | None = None,
         adjoints: Sequence[DoubleQ] | None = None,
         *,
         inner_lrs: Sequence[float] | None = None,
@@ -221,11 +229,13 @@ class BatchedUpdater:
                     f"batched runs use Adam; method {kind!r} asks for {name} = "
                     f"{getattr(method, name)!r}: run it without batch_seeds"
                 )
-        if kind == "funcid_network" and method.adjoint_at != "solution":
-            raise ValueError(
-                "batched funcid_network fits its adjoint at the inner solution (adjoint_at: "
-                "solution); run adjoint_at: prediction without batch_seeds"
-            )
+        if kind == "funcid_network":
+            assert isinstance(method, FuncIDNetworkRL)  # the spec registered under the kind
+            if method.adjoint_at != "solution":
+                raise ValueError(
+                    "batched funcid_network fits its adjoint at the inner solution (adjoint_at: "
+                    "solution); run adjoint_at: prediction without batch_seeds"
+                )
         for name in ("adjoint_optimizer",) if kind == "funcid_network" else ():
             if getattr(method, name).lower() != "adam":
                 raise ValueError(f"batched runs use Adam; method {kind!r} asks for {name}")
@@ -257,6 +267,7 @@ class BatchedUpdater:
         self.mp_r: Params = []
         self.model_opt: BatchedAdam | None = None
         if kind != "model_free":
+            assert isinstance(method, RLModelMethod)
             if models is None or len(models) != r:
                 raise ValueError(f"method {kind!r} needs one model per run")
             self.mp_ns = stack(
@@ -276,6 +287,7 @@ class BatchedUpdater:
         self.ap: Params = []
         self.adj_opt: BatchedAdam | None = None
         if kind == "funcid_network":
+            assert isinstance(method, FuncIDNetworkRL)
             if adjoints is None or len(adjoints) != r:
                 raise ValueError("funcid_network needs one adjoint network per run")
             self.ap = stack([ensemble_params(a.net) for a in adjoints], requires_grad=True)
@@ -369,6 +381,7 @@ class BatchedUpdater:
 
     def _update_model_fitting(self, sample: Sampler) -> dict[str, Tensor]:
         assert self.model_opt is not None
+        assert isinstance(self.method, (MLE, VEP))
         for _ in range(self.method.model_steps):
             loss, mse, rew = self._model_loss(sample())
             grads = torch.autograd.grad(loss.sum(), self.model_opt.params)
@@ -392,6 +405,8 @@ class BatchedUpdater:
 
     def _update_bilevel(self, sample: Sampler) -> dict[str, Tensor]:
         assert self.model_opt is not None
+        method = self.method
+        assert isinstance(method, RLBilevelMethod)
         b = sample()
         obs, action, nd = b["obs"], b["action"], b["not_done"]
         with torch.no_grad():
@@ -399,12 +414,12 @@ class BatchedUpdater:
             y_model = self.bellman_target(r, ns, nd)
             model_mse = (ns - b["next_obs"]).square().sum(2).mean(1)
             reward_mse = (r - b["reward"]).square().mean(dim=(1, 2))
-        if not self.method.warm_opt:
+        if not method.warm_opt:
             self.q_opt.reset()
             if self.adj_opt is not None:
                 self.adj_opt.reset()
         q_loss = torch.full((self.runs,), math.nan, dtype=self.dtype)
-        for _ in range(self.method.inner_steps):
+        for _ in range(method.inner_steps):
             q_loss, _ = self._q_step(b, y_model)
         self.polyak()
         out = self._hypergradient(b)
@@ -437,11 +452,11 @@ class BatchedUpdater:
             pred = self.q_of_action(self.qp, obs, action)
             l_out = 0.5 * (pred - y).square().sum(2).mean(1)
             g_theta = torch.autograd.grad(l_out.sum(), self.qp)
-            _, jv = torch.func.jvp(
+            jv = torch.func.jvp(
                 lambda *p: self.q_of_action(list(p), obs, action),
                 tuple(t.detach() for t in self.qp),
                 tuple(g_theta),
-            )
+            )[1]
             coef = jv
             out["outer_loss"] = l_out.detach()
         else:
@@ -482,6 +497,7 @@ class BatchedUpdater:
         """``adjoint_steps`` Adam steps of every run's adjoint network on its J; returns a at
         the batch's points after the steps and J there (per run)."""
         assert self.adj_opt is not None
+        assert isinstance(self.method, FuncIDNetworkRL)
         scale = self.adjoint_scale
         for _ in range(self.method.adjoint_steps):
             a = scale * self.q_of_action(self.ap, obs, action)

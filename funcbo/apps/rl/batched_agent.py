@@ -27,7 +27,7 @@ from torch import Tensor
 
 from funcbo.adjoints import reset_parameters
 from funcbo.apps.rl.batched import BatchedUpdater, check_batchable
-from funcbo.apps.rl.config import RLMethodConfig, RLProblemConfig
+from funcbo.apps.rl.config import FuncIDNetworkRL, RLMethodConfig, RLProblemConfig
 from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, ValueEnsemble
 from funcbo.apps.rl.replay import distinct_indices
 from funcbo.apps.rl.vec_env import TorchCartPole
@@ -54,6 +54,7 @@ def initial_networks(
             values = ValueEnsemble(OBS_DIM, problem.vep_members, problem.q_hidden).to(dtype)
         adjoint = None
         if method.kind == "funcid_network":  # methods._adjoint_network's initialisation
+            assert isinstance(method, FuncIDNetworkRL)
             adjoint = copy.deepcopy(q)
             if method.adjoint_init in ("fresh", "zero"):
                 reset_parameters(adjoint)
