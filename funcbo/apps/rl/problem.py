@@ -132,7 +132,7 @@ class SoftBellmanProblem(BilevelProblem):
             )
 
     # ------------------------------------------------------------------------ bilevel losses
-    def inner_input(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def inner_input(self, batch: Any) -> tuple[Tensor, ...]:
         # one tuple per batch: estimators recognise the same points by identity
         x = batch.get(_INPUT)
         return x if x is not None else (batch["obs"], batch["action"])

@@ -62,6 +62,10 @@ class BellmanSolution(nn.Module):
     Input ``(obs [B, d], action [B], not_done [B, 1])``; output ``[B, heads]``.
     """
 
+    # set through __dict__ (not registered), declared for the type checker
+    model: nn.Module
+    target_q: nn.Module
+
     def __init__(
         self, problem: SoftBellmanProblem, model: nn.Module, target_q: nn.Module, heads: int = 2
     ) -> None:
