@@ -90,7 +90,8 @@ def _save(path: Path, arrays: Mapping[str, np.ndarray], params_text: str) -> Non
     for k, a in arrays.items():
         if a.dtype == object:
             raise TypeError(f"refusing to cache object array {k!r} (it would need pickle)")
-    payload = {**arrays, _PARAMS_KEY: np.array(params_text)}
+    # Any: numpy's stubs match **payload against savez's allow_pickle: bool as well
+    payload: dict[str, Any] = {**arrays, _PARAMS_KEY: np.array(params_text)}
     atomic_write(path, lambda f: np.savez(f, **payload), "wb")
 
 

@@ -114,10 +114,10 @@ class IVData:
 
         def split(name: str) -> IVSplit:
             return IVSplit(
-                *(
-                    arrays[f"{name}_{k}"]
-                    for k in ("instrument", "treatment", "outcome", "structural")
-                ),
+                instrument=arrays[f"{name}_instrument"],
+                treatment=arrays[f"{name}_treatment"],
+                outcome=arrays[f"{name}_outcome"],
+                structural=arrays[f"{name}_structural"],
                 covariate=arrays.get(f"{name}_covariate"),
             )
 
@@ -169,11 +169,16 @@ def split_train(arrays: dict[str, np.ndarray], seed: int) -> tuple[IVSplit, IVSp
     covariate) 50/50."""
     n = arrays["outcome"].shape[0]
     i1, i2 = split_indices(n, seed)
-    keys = ("instrument", "treatment", "outcome", "structural")
     cov = arrays.get("covariate")
 
     def part(idx: np.ndarray) -> IVSplit:
-        return IVSplit(*(arrays[k][idx] for k in keys), None if cov is None else cov[idx])
+        return IVSplit(
+            instrument=arrays["instrument"][idx],
+            treatment=arrays["treatment"][idx],
+            outcome=arrays["outcome"][idx],
+            structural=arrays["structural"][idx],
+            covariate=None if cov is None else cov[idx],
+        )
 
     return part(i1), part(i2)
 

@@ -64,7 +64,7 @@ def position_values() -> np.ndarray:
 
 # --------------------------------------------------------------------------------- the heart
 @functools.lru_cache(maxsize=1)
-def _heart_tables() -> tuple[np.ndarray, ...]:
+def _heart_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, float, float]:
     """Boundary of the right half of the heart as functions of y (curve units, y up).
 
     On t ∈ [0, π] the curve starts at the notch (0, 5), rises to the top of the lobe at
@@ -221,8 +221,8 @@ class ArchiveError(ValueError):
 
 def latent_bases(sizes: Sequence[int] = LATENT_SIZES) -> np.ndarray:
     """Row-major strides of the latent grid: row = Σ_k class_k · bases_k."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    return np.concatenate([np.cumprod(sizes[::-1])[::-1][1:], [1]]).astype(np.int64)
+    s = np.asarray(sizes, dtype=np.int64)
+    return np.concatenate([np.cumprod(s[::-1])[::-1][1:], [1]]).astype(np.int64)
 
 
 class DSpritesArchive:

@@ -176,6 +176,9 @@ def outcome_features(v: Tensor, c: Tensor | None) -> Tensor:
 class Standardize(nn.Module):
     """x ↦ (x − mean)/std with fixed statistics (buffers, saved in the state dict)."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Tensor, std: Tensor) -> None:
         super().__init__()
         std = torch.as_tensor(std)
@@ -280,12 +283,12 @@ def build_iv_networks(
             :class:`Standardize` layer to the treatment / instrument / covariate network.
         dtype, device: where the parameters live (float32 or float64).
     """
-    chi: nn.Module | None = None
+    chi: nn.Sequential | None = None
     if dataset == "dsprites":
-        psi: nn.Module = dsprites_treatment_net(
+        psi: nn.Sequential = dsprites_treatment_net(
             4096, treatment_hidden or (1024, 512, 128), feature_dim, spectral=spectral is not False
         )
-        phi: nn.Module = dsprites_instrument_net(
+        phi: nn.Sequential = dsprites_instrument_net(
             3, instrument_hidden or (256, 128, 128), feature_dim, spectral=spectral is not False
         )
         treatment_dim = feature_dim
