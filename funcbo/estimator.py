@@ -209,6 +209,14 @@ def finish_outer_grads(outer: nn.Module, grads: Sequence[Tensor | None]) -> tupl
 
     ``grads`` are aligned with :func:`trainable`\\ (outer); ``None`` means zero.
     """
+    return finish_outer_grads_and_norm(outer, grads)[0]
+
+
+def finish_outer_grads_and_norm(
+    outer: nn.Module, grads: Sequence[Tensor | None]
+) -> tuple[tuple[Tensor, ...], float]:
+    """:func:`finish_outer_grads` and the :func:`grad_norm` of its result (computed once: the
+    entries of frozen parameters it adds are zeros)."""
     params = trainable(outer)
     full = [
         torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)
@@ -225,7 +233,8 @@ def finish_outer_grads(outer: nn.Module, grads: Sequence[Tensor | None]) -> tupl
     for p, g in zip(params, full, strict=True):
         p.grad = g
     it = iter(full)
-    return tuple(next(it) if p.requires_grad else torch.zeros_like(p) for p in outer.parameters())
+    out = tuple(next(it) if p.requires_grad else torch.zeros_like(p) for p in outer.parameters())
+    return out, norm
 
 
 def grad_norm(grads: Sequence[Tensor]) -> float:

@@ -29,8 +29,7 @@ from funcbo.estimator import (
     ImplicitEstimator,
     ImplicitStats,
     add_grads,
-    finish_outer_grads,
-    grad_norm,
+    finish_outer_grads_and_norm,
     trainable,
 )
 from funcbo.inner import InnerSolver, make_inner_solver
@@ -164,11 +163,11 @@ class FuncID(ImplicitEstimator):
             else:
                 cross = [None] * len(params)
         total = add_grads(g_omega, cross)
-        out = finish_outer_grads(outer, total)
+        out, norm = finish_outer_grads_and_norm(outer, total)
         self.diagnostics = FuncIDStats(
             outer_loss=float(l_out.detach().mean()),
             inner_loss_at_hypergrad=float(l_in.detach().mean()),
-            grad_norm=grad_norm(out),
+            grad_norm=norm,
             adjoint=self.adjoint.diagnostics,
         )
         return out

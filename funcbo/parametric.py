@@ -27,6 +27,7 @@ from funcbo.estimator import (
     add_grads,
     as_batch_list,
     finish_outer_grads,
+    finish_outer_grads_and_norm,
     grad_norm,
     trainable,
 )
@@ -141,11 +142,11 @@ class AID(ImplicitEstimator):
         if omega and G_live:
             cross = torch.autograd.grad(G_live, omega, [v[i] for i in live], allow_unused=True)
         total = add_grads(g_omega, cross, scale=-1.0)
-        out = finish_outer_grads(outer, total)
+        out, norm = finish_outer_grads_and_norm(outer, total)
         self.diagnostics = AIDStats(
             outer_loss=float(l_out.detach()),
             inner_loss_at_hypergrad=float(l_in.detach()),
-            grad_norm=grad_norm(out),
+            grad_norm=norm,
             solve=info,
             dual_norm=tnorm(v),
         )
