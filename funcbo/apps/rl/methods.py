@@ -27,7 +27,7 @@ from funcbo.adjoints import Adjoint, AdjointStats, NetworkAdjoint, reset_paramet
 from funcbo.apps.rl.adjoint import PointwiseAdjoint
 from funcbo.apps.rl.config import FuncIDNetworkRL, RLBilevelMethod
 from funcbo.apps.rl.networks import EnsembleLinear, ScaledOutput, ValueEnsemble, polyak_update
-from funcbo.apps.rl.problem import SoftBellmanProblem, with_target
+from funcbo.apps.rl.problem import SoftBellmanProblem, model_target_value, with_target
 from funcbo.apps.rl.solution import BellmanSolution, NoInnerSteps, SolutionProblem, StateActionInput
 from funcbo.estimator import ImplicitEstimator, ImplicitStats
 from funcbo.experiments.methods import make_optimizer as _make_optimizer
@@ -166,27 +166,41 @@ class BilevelUpdater(Updater):
         if isinstance(adjoint, NetworkAdjoint) and adjoint.optimizer is not None:
             adjoint.optimizer.state.clear()
 
+    def _remember_solution(self, hp: SoftBellmanProblem, hb: dict[str, Any]) -> None:
+        # h* at the batch is the model target ŷ that ``with_target`` just cached: hand its
+        # value to the inner solution so that the estimator does not recompute it
+        sol = getattr(self.estimator, "inner_model", None)
+        y = model_target_value(hb)
+        if isinstance(sol, BellmanSolution) and y is not None:
+            sol.remember(hp.inner_input(hb), y)
+
     def update(self, sample: Sampler) -> dict[str, float]:
         raw = sample()
+        # T_ω(s, a) once, with its graph: ω does not change before the hypergradient, whose
+        # model target reuses it; the Q-steps and the diagnostics take it detached.
+        outputs = self.model(raw["obs"], raw["action"])
+        detached = (outputs[0].detach(), outputs[1].detach())
         with torch.no_grad():  # the Q-steps need the model's targets, not their graph
-            outputs = self.model(raw["obs"], raw["action"])
             batch = with_target(
-                raw, self.target_q, self.problem, self.model, real=False, model_outputs=outputs
+                raw, self.target_q, self.problem, self.model, real=False, model_outputs=detached
             )
-        errors = model_errors(self.model, raw, outputs)
+        errors = model_errors(self.model, raw, detached)
         if not self.warm_opt:
             self._fresh_optimizers()
         q_loss = self.inner.run(self.problem, self.model, [batch])
         polyak_update(self.target_q, self.online_q, self.tau)
         hp = self.hypergradient_problem
-        hb = with_target(raw, self.target_q, hp, self.model)
+        hb = with_target(raw, self.target_q, hp, self.model, model_outputs=outputs)
+        if self._solution:
+            self._remember_solution(hp, hb)
         self.estimator.hypergradient(hp, self.model, hb, hb)
         self.model_optimizer.step()
         d = self.estimator.diagnostics
         assert isinstance(d, ImplicitStats)
         out = {"q_loss": q_loss, "grad_norm": d.grad_norm, **errors}
         if self._solution:
-            pred = self.inner.model(self.problem.inner_input(hb))
+            with torch.no_grad():
+                pred = self.inner.model(self.problem.inner_input(hb))
             out["outer_loss"] = bellman_error(self.problem, pred, hb)
             out["solution_outer_loss"] = d.outer_loss
         else:

@@ -100,8 +100,15 @@ class SoftBellmanProblem(BilevelProblem):
         self, target_q: nn.Module, reward: Tensor, next_obs: Tensor, not_done: Tensor
     ) -> Tensor:
         """y = r + γ (1 − d) V̄(s′): ``[B, 1]`` (``"min"``) or ``[B, K]`` (``"per_head"``)."""
-        v = soft_value(target_q(next_obs), self.alpha, self.target)
-        return reward + self.gamma * not_done * v
+        return self.target_from_value(reward, not_done, self.next_state_value(target_q, next_obs))
+
+    def next_state_value(self, target_q: nn.Module, next_obs: Tensor) -> Tensor:
+        """V̄(s′) of the target network: ``[B, 1]`` (``"min"``) or ``[B, K]`` (``"per_head"``)."""
+        return soft_value(target_q(next_obs), self.alpha, self.target)
+
+    def target_from_value(self, reward: Tensor, not_done: Tensor, value: Tensor) -> Tensor:
+        """r + γ (1 − d) V̄ given V̄ (:meth:`next_state_value`)."""
+        return reward + self.gamma * not_done * value
 
     def model_target(self, model: nn.Module, batch: Any) -> Tensor:
         """ŷ = r̂ + γ (1 − d) V̄(ŝ′) with (ŝ′, r̂) = T_ω(s, a): differentiable in ω.
@@ -200,6 +207,14 @@ class _TargetCache:
         )
 
 
+def model_target_value(batch: dict[str, Any]) -> Tensor | None:
+    """The model target ŷ cached in a batch by :func:`with_target` (detached), or None."""
+    cache = batch.get(_CACHE)
+    if cache is None or cache.y_model is None:
+        return None
+    return cache.y_model.detach()
+
+
 def with_target(
     batch: dict[str, Tensor],
     target_q: nn.Module,
@@ -222,18 +237,32 @@ def with_target(
     if problem is None:
         return out
     cache = _TargetCache(target_q, model, problem.next_value)
+    at_real = model is not None and problem.next_value == "real"
+    v_real: Tensor | None = None
+    if real or at_real:
+        # V̄(s′) on the real next state: the real target's, and the model's with
+        # ``next_value="real"`` (one target-network pass serves both)
+        with torch.no_grad():
+            v_real = problem.next_state_value(target_q, out["next_obs"])
     if real:
-        cache.y_real = problem.real_target(out)
+        assert v_real is not None
+        cache.y_real = problem.target_from_value(out["reward"], out["not_done"], v_real)
     if model is not None:
-        if model_outputs is None:
-            cache.y_model = problem.model_target(model, out)
+        ns, r = model(out["obs"], out["action"]) if model_outputs is None else model_outputs
+        if at_real:
+            assert v_real is not None
+            cache.y_model = problem.target_from_value(r, out["not_done"], v_real)
         else:
-            ns, r = model_outputs
-            if problem.next_value == "real":
-                ns = out["next_obs"]
             cache.y_model = problem.bellman_target(target_q, r, ns, out["not_done"])
     out[_CACHE] = cache
     return out
 
 
-__all__ = ["NEXT_VALUES", "TARGETS", "SoftBellmanProblem", "soft_value", "with_target"]
+__all__ = [
+    "NEXT_VALUES",
+    "TARGETS",
+    "SoftBellmanProblem",
+    "model_target_value",
+    "soft_value",
+    "with_target",
+]

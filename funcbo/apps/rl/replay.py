@@ -54,6 +54,12 @@ class ReplayBuffer:
         self.reward = torch.zeros(capacity)
         self.next_obs = torch.zeros(capacity, obs_dim)
         self.not_done = torch.zeros(capacity)
+        # numpy views of the storage: writing one transition through them skips the tensor
+        # indexing machinery (the same float32/int64 values land in the same memory)
+        self._np = {
+            name: getattr(self, name).numpy()
+            for name in ("obs", "action", "reward", "next_obs", "not_done")
+        }
         self.ptr = 0
         self.size = 0
         self.generator = torch.Generator().manual_seed(seed)
@@ -66,11 +72,12 @@ class ReplayBuffer:
     ) -> None:
         """Store one transition; the bootstrap mask is 1 − terminated."""
         i = self.ptr
-        self.obs[i] = torch.from_numpy(np.asarray(obs, dtype=np.float32))
-        self.action[i] = int(action)
-        self.reward[i] = float(reward)
-        self.next_obs[i] = torch.from_numpy(np.asarray(next_obs, dtype=np.float32))
-        self.not_done[i] = 0.0 if terminated else 1.0
+        a = self._np
+        a["obs"][i] = np.asarray(obs, dtype=np.float32)
+        a["action"][i] = int(action)
+        a["reward"][i] = float(reward)
+        a["next_obs"][i] = np.asarray(next_obs, dtype=np.float32)
+        a["not_done"][i] = 0.0 if terminated else 1.0
         self.ptr = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 

@@ -77,9 +77,23 @@ class BellmanSolution(nn.Module):
         # plain attributes: their parameters belong to the model and the target network
         self.__dict__["model"] = model
         self.__dict__["target_q"] = target_q
+        self._params = [*model.parameters(), *target_q.parameters()]
+        self._memo: tuple[tuple[Tensor, ...], Tensor, tuple[int, ...]] | None = None
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self._params)
+
+    def remember(self, inputs: tuple[Tensor, ...], y: Tensor) -> None:
+        """Take ŷ at ``inputs`` as known (the caller computed it with this problem, model and
+        target network): the next calls on these very inputs return it while the model's and
+        the target network's parameters are unchanged (same tensor versions)."""
+        self._memo = (inputs, y.detach(), self._versions())
 
     def forward(self, inputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         obs, action, not_done = inputs
+        memo = self._memo
+        if memo is not None and memo[0] is inputs and memo[2] == self._versions():
+            return memo[1].expand(obs.shape[0], self.heads)
         with torch.no_grad():
             ns, r = self.model(obs, action)
             y = self.problem.bellman_target(self.target_q, r, ns, not_done)
