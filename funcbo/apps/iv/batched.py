@@ -42,6 +42,7 @@ per training-mode forward, ψ once for the Hessian probe and once for the cross 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -64,12 +65,21 @@ BATCHED_KINDS = (
 
 
 # ------------------------------------------------------------------------------ stacked nets
+@dataclass
 class _Layer:
-    """One layer of a :class:`StackedNet`: a kind and its stacked tensors."""
+    """One layer of a :class:`StackedNet`: its kind, settings, the indices of its stacked
+    parameters in :attr:`StackedNet.params`, and its stacked buffers."""
 
-    def __init__(self, kind: str, **kw: Any) -> None:
-        self.kind = kind
-        self.__dict__.update(kw)
+    kind: str
+    sn: bool = False  # spectral norm on a Linear
+    eps: float = 0.0
+    shape: tuple[int, ...] = ()
+    weight: int | None = None
+    bias: int | None = None
+    u: Tensor = field(default_factory=lambda: torch.empty(0))
+    v: Tensor = field(default_factory=lambda: torch.empty(0))
+    mean: Tensor = field(default_factory=lambda: torch.empty(0))
+    std: Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 class StackedNet:
@@ -122,7 +132,7 @@ class StackedNet:
             if isinstance(m0, nn.Linear):
                 sn = parametrize.is_parametrized(m0, "weight")
                 if sn:
-                    plist = [m.parametrizations.weight for m in mods]  # type: ignore[union-attr]
+                    plist = [m.parametrizations.weight for m in mods]
                     norms = [pl[0] for pl in plist]
                     if len(plist[0]) != 1 or type(norms[0]).__name__ != "_SpectralNorm":
                         raise ValueError(
@@ -168,6 +178,7 @@ class StackedNet:
         for layer in self.layers:
             k = layer.kind
             if k == "linear":
+                assert layer.weight is not None
                 Wt = self._weight(layer, P[layer.weight], training)
                 if layer.bias is None:
                     x = torch.bmm(x, Wt)
@@ -191,7 +202,7 @@ class StackedNet:
         """One power iteration of every spectral norm (what a training-mode forward does)."""
         with torch.no_grad():
             for layer in self.layers:
-                if layer.kind == "linear" and layer.sn:
+                if layer.kind == "linear" and layer.sn and layer.weight is not None:
                     self._power(layer, self.params[layer.weight])
 
     def _power(self, layer: _Layer, Wt: Tensor) -> None:

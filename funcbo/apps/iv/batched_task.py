@@ -136,6 +136,7 @@ class IVBatchTask(BatchTask):
         self.config = t0.config
         self.method = t0.method
         self.is_dfiv = isinstance(self.method, DFIVMethod)
+        self.phi_opt: StackedAdam | None
         self.is_aid = self.network_adjoint = self.is_itd = False
         self.penalty_kind: str | None = None
         # Data: one stacked copy; each run's tensors become views of it.
@@ -304,6 +305,11 @@ class IVBatchTask(BatchTask):
                 head.bias.copy_(self.head_bias[r])
             self.tasks[r].solver_gave_up_total = int(self.gave_up_total[r])
 
+    def _phi_step(self, grads: Any) -> None:
+        """One Adam step of the feature networks (every method but ITD has one)."""
+        assert self.phi_opt is not None
+        self.phi_opt.step(grads)
+
     def state_dict(self, run: int) -> dict[str, Any]:
         self._write(run)
         return self.tasks[run].state_dict()
@@ -373,7 +379,7 @@ class IVBatchTask(BatchTask):
                 features, targets[id(b)], ridge_fit(features, targets[id(b)], self.lam1), self.lam1
             )
             grads = torch.autograd.grad(loss.sum(), phi.params)
-            self.phi_opt.step(grads)
+            self._phi_step(grads)
             l1 = loss.detach().double()
         b1 = batches[-1]
         l2 = torch.full((self.runs,), float("nan"), dtype=torch.float64)
@@ -414,7 +420,7 @@ class IVBatchTask(BatchTask):
             W = ridge_fit(features, target(b), self.inner_ridge)
             loss = ridge_objective(features, target(b), W, self.inner_ridge)
             grads = torch.autograd.grad(loss.sum(), phi.params)
-            self.phi_opt.step(grads)
+            self._phi_step(grads)
             last = loss.detach().double()
         with torch.no_grad():
             b = batches[(self.inner_steps - 1) % len(batches)]
@@ -492,7 +498,7 @@ class IVBatchTask(BatchTask):
             loss = ridge_objective(
                 features, targets[id(b)], ridge_fit(features, targets[id(b)], lam1), lam1
             )
-            self.phi_opt.step(torch.autograd.grad(loss.sum(), phi.params))
+            self._phi_step(torch.autograd.grad(loss.sum(), phi.params))
             last = loss.detach().double()
         b1 = batches[-1]
         n = b1["t"].shape[1]
@@ -663,7 +669,7 @@ class IVBatchTask(BatchTask):
                 objective = l_out / gamma + half_sq_grad(l_in)
             else:
                 objective = l_out / gamma + l_in
-            self.phi_opt.step(torch.autograd.grad(objective.sum(), phi.params))
+            self._phi_step(torch.autograd.grad(objective.sum(), phi.params))
         l_in, l_out = self._feature_losses(phi, b1, b_out, self._live_target)
         psi_params = self.psi.params
         stats: dict[str, Any] = {"inner_loss": l_in.detach().double()}
