@@ -82,6 +82,10 @@ class AID(ImplicitEstimator):
         solver: the linear solver (default ``CG(maxiter=10)``).
         warm_start: start the solve from the previous v.
         inner_solver: replaces the default inner solver (as for FuncID).
+        share_prediction: when the inner and outer inputs are one object, evaluate the inner
+            model once for both losses (keeping its graph through the outer gradient). Only
+            for an inner model whose forward pass is deterministic and stateless (no dropout,
+            no batch-norm statistics in training mode); off by default.
     """
 
     def __init__(
@@ -93,12 +97,14 @@ class AID(ImplicitEstimator):
         solver: Solver | None = None,
         warm_start: bool = True,
         inner_solver: InnerSolver | None = None,
+        share_prediction: bool = False,
     ) -> None:
         self.inner_model = inner_model
         self.inner = make_inner_solver(inner_model, inner_optimizer, inner_steps, inner_solver)
         self.inner_steps = max(self.inner.steps, 1)
         self.solver = solver if solver is not None else CG(maxiter=10)
         self.warm_start = warm_start
+        self.share_prediction = share_prediction
         self._v: tuple[Tensor, ...] | None = None
         self.diagnostics: AIDStats | Diagnostics | None = None
 
@@ -108,14 +114,19 @@ class AID(ImplicitEstimator):
         """∇F(ω) at the current inner model (no inner steps)."""
         theta = trainable(self.inner_model)
         omega = trainable(outer)
-        pred_out = problem.predict(self.inner_model, outer_batch, "outer")
+        x_out = problem.input(outer_batch, "outer")
+        share = self.share_prediction and problem.input(inner_batch, "inner") is x_out
+        pred_out = check_pred(self.inner_model(x_out), "outer model output")
         l_out = problem.eval_outer(outer, pred_out, outer_batch).mean()
-        grads = torch.autograd.grad(l_out, [*theta, *omega], allow_unused=True)
+        grads = torch.autograd.grad(l_out, [*theta, *omega], allow_unused=True, retain_graph=share)
         g_theta = _zeros_for_none(grads[: len(theta)], theta)
         g_omega = list(grads[len(theta) :])
         all_reduce_mean_(g_theta)
 
-        pred_in = problem.predict(self.inner_model, inner_batch, "inner")
+        if share:
+            pred_in = pred_out
+        else:
+            pred_in = problem.predict(self.inner_model, inner_batch, "inner")
         l_in = problem.eval_inner(outer, pred_in, inner_batch).mean()
         G = torch.autograd.grad(l_in, theta, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(G) if g is not None and g.requires_grad]
