@@ -298,7 +298,16 @@ class OMD(RLBilevelMethod):
         from funcbo.parametric import AID
 
         opt = self.q_optimizer(q_inner.parameters())
-        est = AID(q_inner, opt, self.inner_steps, solver=Identity(), warm_start=False)
+        # one replay batch serves as inner and outer batch, and the Q-network is
+        # deterministic: one forward pass for both losses
+        est = AID(
+            q_inner,
+            opt,
+            self.inner_steps,
+            solver=Identity(),
+            warm_start=False,
+            share_prediction=True,
+        )
         return est.inner, est, problem
 
 
@@ -360,7 +369,14 @@ class OMDCG(RLBilevelMethod):
         from funcbo.parametric import AID
 
         opt = self.q_optimizer(q_inner.parameters())
-        est = AID(q_inner, opt, self.inner_steps, solver=self.solver, warm_start=self.warm_start)
+        est = AID(
+            q_inner,
+            opt,
+            self.inner_steps,
+            solver=self.solver,
+            warm_start=self.warm_start,
+            share_prediction=True,
+        )
         return est.inner, est, problem
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -197,12 +198,27 @@ class ValueEnsemble(nn.Module):
         return self.net(obs)
 
 
+_PARAMETERS: WeakKeyDictionary[nn.Module, list[Tensor]] = WeakKeyDictionary()
+
+
+def parameter_list(module: nn.Module) -> list[Tensor]:
+    """``list(module.parameters())``, listed once per module and remembered.
+
+    Walking the submodules costs more than a small network's arithmetic when it happens
+    several times per environment step; the networks here keep their parameter tensors for
+    life (optimizer steps, Polyak averaging and ``load_state_dict`` write into them in place).
+    Do not use it for a module whose parameters are replaced.
+    """
+    params = _PARAMETERS.get(module)
+    if params is None:
+        params = _PARAMETERS[module] = list(module.parameters())
+    return params
+
+
 @torch.no_grad()
 def polyak_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     """Q̄ ← τ·Q + (1 − τ)·Q̄, parameter by parameter."""
-    tp: list[Tensor] = [p for p in target.parameters()]
-    op: list[Tensor] = [p for p in online.parameters()]
-    torch._foreach_lerp_(tp, op, tau)
+    torch._foreach_lerp_(parameter_list(target), parameter_list(online), tau)
 
 
 __all__ = [
@@ -214,5 +230,6 @@ __all__ = [
     "ScaledOutput",
     "ValueEnsemble",
     "init_mlp",
+    "parameter_list",
     "polyak_update",
 ]

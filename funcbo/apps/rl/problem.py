@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from funcbo.apps.rl.networks import parameter_list
 from funcbo.linalg import OutputHessian
 from funcbo.problem import BilevelProblem
 
@@ -177,10 +178,10 @@ class _TargetCache:
     ) -> None:
         self.target_q = target_q
         self.next_value = next_value
-        self.target_params = list(target_q.parameters())
+        self.target_params = parameter_list(target_q)
         self.target_versions = _versions(self.target_params)
         self.model = model
-        self.model_params = list(model.parameters()) if model is not None else []
+        self.model_params = parameter_list(model) if model is not None else []
         self.model_versions = _versions(self.model_params)
         self.y_model: Tensor | None = None
         self.y_real: Tensor | None = None
