@@ -71,7 +71,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 
@@ -506,8 +506,20 @@ FEATURE_KINDS = method_kinds(FeatureOption)
 RIDGE_HEAD_KINDS = method_kinds(RidgeHeadOption)
 
 
+class _CommonSteps(TypedDict):
+    """The optimizer settings every kind of the paper's table shares."""
+
+    inner_optimizer: str
+    inner_lr: float
+    inner_weight_decay: float
+    inner_steps: int
+    outer_optimizer: str
+    outer_lr: float
+    outer_weight_decay: float
+
+
 def _paper() -> dict[str, IVMethodConfig]:
-    common = {
+    common: _CommonSteps = {
         "inner_optimizer": "adam",
         "inner_lr": 1e-3,
         "inner_weight_decay": 0.1,
@@ -516,6 +528,8 @@ def _paper() -> dict[str, IVMethodConfig]:
         "outer_lr": 1e-3,
         "outer_weight_decay": 0.1,
     }
+    aid_steps: _CommonSteps = {**common, "inner_weight_decay": 1e-3}
+    itd_steps: _CommonSteps = {**common, "inner_lr": 1e-2}
     return {
         "funcid": IVFuncID(
             adjoint_optimizer="adam",
@@ -533,9 +547,9 @@ def _paper() -> dict[str, IVMethodConfig]:
         "aid": IVAID(
             formulation="features",
             solver=CG(maxiter=2, safeguards=False),
-            **{**common, "inner_weight_decay": 1e-3},
+            **aid_steps,
         ),
-        "itd": IVITD(formulation="features", unroll=20, truncate=2, **{**common, "inner_lr": 1e-2}),
+        "itd": IVITD(formulation="features", unroll=20, truncate=2, **itd_steps),
         "gradient_penalty": IVGradientPenalty(formulation="features", penalty=0.1, **common),
         "value_penalty": IVValuePenalty(formulation="features", penalty=10.0, **common),
     }

@@ -90,7 +90,11 @@ class IVTask(Task):
         data_seed = spec.seed if pc.data_seed is None else pc.data_seed
         self.data = data if data is not None else make_dataset(pc, data_seed)
         self.tensors = IVTensors.from_data(self.data, self.dtype, self.device)
-        head = "closed_form" if isinstance(mc, DFIVMethod) else (mc.head or pc.head)
+        if isinstance(mc, DFIVMethod):
+            head = "closed_form"
+        else:
+            assert isinstance(mc, IVLibraryMethod)
+            head = mc.head or pc.head
         self.features_formulation = isinstance(mc, IVLibraryMethod) and mc.features_formulation
         self.problem: IVProblem | IVFeatureProblem
         if self.features_formulation:
