@@ -13,10 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "hypergradient_cost.py"
+IV_BATCHED = ROOT / "benchmarks" / "iv_batched.py"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("hypergradient_cost", SCRIPT)
+def _load(script: Path = SCRIPT) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses (the method specs) look their module up
@@ -168,3 +169,36 @@ def test_rounds_are_merged_into_medians() -> None:
     assert bench.merge_rounds([[row(5.0)]])[0]["time_ms"] == 5.0
     (failed,) = bench.merge_rounds([[row(1.0, "failed")], [row(2.0, "failed")]])
     assert failed["status"] == "failed"
+
+
+def test_iv_batched_tiny(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each method has its unbatched time and, per R, the batched step's time and the ratios
+    derived from them; the JSON echoes the configuration."""
+    monkeypatch.setenv("FUNCBO_CACHE", str(tmp_path / "cache"))  # the dataset, rendered once
+    bench = _load(IV_BATCHED)
+    out = tmp_path / "iv_batched.json"
+    methods = ["dfiv", "funcid_linear"]  # DFIV's own step and a library estimator
+    argv = ["--methods", ",".join(methods), "--n", "80", "--runs", "1,2"]
+    argv += ["--iters", "1", "--warmup", "0", "--json", str(out)]
+    result = bench.main(argv)
+    record = json.loads(out.read_text())
+    assert record["rows"] == json.loads(json.dumps(result["rows"]))  # what main returns
+    assert record["benchmark"] == "iv_batched"
+    assert (record["n"], record["iters"], record["warmup"], record["threads"]) == (80, 1, 0, 1)
+    assert record["target_ratio"] == bench.TARGET
+    assert [r["method"] for r in record["rows"]] == methods
+    for row in record["rows"]:
+        plain, plain_cpu = row["unbatched_s"], row["unbatched_cpu_s"]
+        assert plain > 0 and plain_cpu > 0
+        assert sorted(row["batched"]) == ["1", "2"]  # R, a string key in JSON
+        for R, b in row["batched"].items():
+            assert b["step_s"] > 0 and b["cpu_s"] > 0
+            assert b["per_run_s"] == pytest.approx(b["step_s"] / int(R))
+            assert b["ratio"] == pytest.approx(b["per_run_s"] / plain)
+            assert b["cpu_ratio"] == pytest.approx(b["cpu_s"] / int(R) / plain_cpu)
+            assert b["target_met"] == (b["ratio"] <= bench.TARGET)
+    table = capsys.readouterr().out
+    assert "dSprites n = 80" in table
+    assert all(m in table for m in methods)
