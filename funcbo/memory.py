@@ -82,6 +82,16 @@ def use_low_mmap_threshold(threshold: int = 65536) -> bool:
     Returns:
         True when the setting was applied.
     """
+    return set_malloc_thresholds(threshold, threshold, trim=True)
+
+
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int, trim: bool = False) -> bool:
+    """Set glibc malloc's mmap and trim thresholds (bytes) in this process; with ``trim``, also
+    return free heap memory to the system. Process-wide, Linux/glibc only (elsewhere a no-op).
+
+    Returns:
+        True when both thresholds were applied.
+    """
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -92,10 +102,11 @@ def use_low_mmap_threshold(threshold: int = 65536) -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_mmap_threshold, int(threshold)) == 1
-    ok = mallopt(m_trim_threshold, int(threshold)) == 1 and ok
-    # free chunks kept in the heap would serve large requests without touching new pages
-    malloc_trim(0)
+    ok = mallopt(m_mmap_threshold, int(mmap_threshold)) == 1
+    ok = mallopt(m_trim_threshold, int(trim_threshold)) == 1 and ok
+    if trim:
+        # free chunks kept in the heap would serve large requests without touching new pages
+        malloc_trim(0)
     return bool(ok)
 
 

@@ -31,6 +31,7 @@ from funcbo.apps.rl.config import FuncIDNetworkRL, RLMethodConfig, RLProblemConf
 from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, ValueEnsemble
 from funcbo.apps.rl.replay import distinct_indices
 from funcbo.apps.rl.vec_env import TorchCartPole
+from funcbo.memory import set_malloc_thresholds
 
 #: window (in steps) of the environment-steps-per-second metric
 RATE_WINDOW = 200
@@ -80,19 +81,7 @@ def keep_freed_memory_in_heap() -> bool:
     Returns:
         True when the setting was applied.
     """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_mmap_threshold, 64 << 20) == 1
-    return bool(mallopt(m_trim_threshold, 128 << 20) == 1 and ok)
+    return set_malloc_thresholds(64 << 20, 128 << 20)
 
 
 def _eval_key(seed: int, env_steps: int) -> int:
