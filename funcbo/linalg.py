@@ -9,6 +9,9 @@
   working on tuples of tensors so that parameter-space solves need no flattening. A solver is
   immutable and keeps no record of its solves: ``x, info = solver(matvec, b)`` returns the
   solution with its diagnostics (:class:`SolveInfo`).
+* :func:`batched_cg`: :class:`CG` on R independent systems at once, stacked along a leading run
+  axis (R runs of one method advanced as one program), with per-run inner products, step sizes,
+  stopping and safeguards; its per-run diagnostics are a :class:`BatchedSolveInfo`.
 """
 
 from __future__ import annotations
@@ -224,6 +227,191 @@ def _damped(matvec: MatVec, damping: float) -> MatVec:
     return lambda v: taxpy(damping, v, matvec(v))
 
 
+# --------------------------------------------------------------- batched solves (R systems)
+def run_dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """Per-run Σ_k ⟨x_k, y_k⟩ of stacked tuples (every tensor's leading axis is the run),
+    ``[R]``."""
+    out = (xs[0] * ys[0]).flatten(1).sum(1)
+    for x, y in zip(xs[1:], ys[1:], strict=True):
+        out = out + (x * y).flatten(1).sum(1)
+    return out
+
+
+def run_norm(xs: Sequence[Tensor]) -> Tensor:
+    """Per-run Euclidean norm of stacked tuples, ``[R]`` (float64)."""
+    return run_dot([x.double() for x in xs], [x.double() for x in xs]).sqrt()
+
+
+def _where(mask: Tensor, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[Tensor]:
+    """Run by run: x where ``mask`` (``[R]``), else y."""
+    return [
+        torch.where(mask.reshape(-1, *([1] * (x.dim() - 1))), x, y)
+        for x, y in zip(xs, ys, strict=True)
+    ]
+
+
+def _col(a: Tensor, x: Tensor) -> Tensor:
+    """A per-run scalar ``[R]`` shaped to broadcast against ``x`` (and in its dtype)."""
+    return a.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class BatchedSolveInfo:
+    """What :func:`batched_cg` did, run by run: every field is a tensor ``[R]``.
+
+    Attributes:
+        iterations: iterations run (long).
+        residual: the returned iterate's relative residual ‖b − A x‖/‖b‖ (float64; 0 for
+            b = 0, NaN for a run with a non-finite product).
+        gave_up: no iterate improved on the start, which was returned (bool; safeguarded only).
+        diverged: the returned iterate's residual exceeds the start's (bool; unsafeguarded
+            only, as :class:`SolveInfo`).
+        nonfinite: a product pᵀAp was not finite; the run's solution is NaN (bool). The
+            unbatched :class:`CG` raises :class:`~funcbo.errors.NonFiniteLossError` instead, so
+            a batch marks that run failed alone.
+    """
+
+    iterations: Tensor
+    residual: Tensor
+    gave_up: Tensor
+    diverged: Tensor
+    nonfinite: Tensor
+
+    def run(self, r: int) -> SolveInfo:
+        """Run ``r``'s diagnostics as the unbatched solver's :class:`SolveInfo`."""
+        return SolveInfo(
+            int(self.iterations[r]),
+            float(self.residual[r]),
+            gave_up=bool(self.gave_up[r]),
+            diverged=bool(self.diverged[r]),
+        )
+
+
+def batched_cg(
+    matvec: Callable[[list[Tensor]], Sequence[Tensor]],
+    b: Sequence[Tensor],
+    x0: Sequence[Tensor] | None = None,
+    warm: Tensor | None = None,
+    *,
+    maxiter: int = 10,
+    tol: float = 1e-10,
+    damping: float = 0.0,
+    safeguards: bool = True,
+) -> tuple[list[Tensor], BatchedSolveInfo]:
+    """:class:`CG` (``CG(maxiter, tol, damping, safeguards)``, no preconditioner) on R
+    independent systems A_r x_r = b_r at once.
+
+    Every tensor of ``b``, ``x0`` and of ``matvec``'s argument and result has a leading run
+    axis ``[R, ...]`` (stacked tuples); ``matvec`` applies the R operators, run r's block to
+    run r's slice (a Hessian-vector product of a sum of per-run losses of unshared parameters is
+    one). Each run has its own inner products, step sizes, residual and stopping test
+    (‖r‖ ≤ tol·‖b‖, ``maxiter``, or a breakdown pᵀAp = 0); a finished run's iterate stays as it
+    is while the others go on, so run r's result is, to rounding, what
+    ``CG(...)(A_r, b_r, x0_r)`` returns alone:
+
+    * ``damping`` solves (A + damping·I) x = b;
+    * runs with ``warm`` (``[R]`` bool; default: all) start from ``x0``, the others from zero;
+      with ``safeguards`` a run's warm start is dropped for zero when its residual is not
+      below ‖b‖;
+    * with ``safeguards``, a run whose last residual exceeds its starting one returns its
+      iterate of smallest residual, and a run where no iterate improved on the start returns
+      the start, flagged ``gave_up`` (one :class:`SolverGaveUpWarning` names those runs);
+      without, every run returns its last iterate (textbook CG), flagged ``diverged`` when its
+      residual exceeds the start's;
+    * a run with b = 0 returns zero after no iteration;
+    * a run whose pᵀAp is not finite stops there and returns NaN, flagged ``nonfinite`` (the
+      unbatched solver raises :class:`~funcbo.errors.NonFiniteLossError`).
+
+    Returns:
+        (x ``[R, ...]`` per tensor, :class:`BatchedSolveInfo`).
+    """
+    if maxiter < 1:
+        raise ValueError(f"CG maxiter must be ≥ 1, got {maxiter}")
+    b = list(b)
+
+    def A(v: list[Tensor]) -> list[Tensor]:
+        out = list(matvec(v))
+        if damping:
+            out = [h + damping * t for h, t in zip(out, v, strict=True)]
+        return out
+
+    bnorm = run_norm(b)
+    runs = len(bnorm)
+    warm = (
+        torch.ones(runs, dtype=torch.bool, device=bnorm.device)
+        if warm is None
+        else warm.to(device=bnorm.device, dtype=torch.bool)
+    )
+    x = [torch.zeros_like(t) for t in b]
+    r = b
+    if x0 is not None and bool(warm.any()):
+        xw = _where(warm, list(x0), x)
+        Ax0 = A(xw)
+        r0 = [bi - ai for bi, ai in zip(b, Ax0, strict=True)]
+        if safeguards:
+            # a warm start worse than zero would only carry the error forward (as CG)
+            warm = warm & (run_norm(r0) < bnorm)
+            x = _where(warm, xw, x)
+        else:
+            x = xw
+        r = _where(warm, r0, b)
+    p = r
+    rz = run_dot(r, r)
+    res = start = run_norm(r)
+    best_x, best_res = x, res
+    iters = torch.zeros(runs, dtype=torch.long, device=bnorm.device)
+    active = (bnorm > 0) & (res > tol * bnorm)
+    bad = torch.zeros_like(active)
+    for _ in range(maxiter):
+        if not bool(active.any()):
+            break
+        Ap = A(p)
+        pAp = run_dot(p, Ap)
+        bad |= active & ~torch.isfinite(pAp)
+        active &= torch.isfinite(pAp) & (pAp != 0)
+        alpha = torch.where(active, rz / torch.where(active, pAp, 1), 0)
+        x = _where(active, [xi + _col(alpha, xi) * pi for xi, pi in zip(x, p, strict=True)], x)
+        r = _where(active, [ri - _col(alpha, ri) * ai for ri, ai in zip(r, Ap, strict=True)], r)
+        rz_new = run_dot(r, r)
+        beta = torch.where(active, rz_new / torch.where(active, rz, 1), 0)
+        p = _where(active, [ri + _col(beta, pi) * pi for ri, pi in zip(r, p, strict=True)], p)
+        rz = torch.where(active, rz_new, rz)
+        iters += active.long()
+        res = torch.where(active, run_norm(r), res)
+        if safeguards:
+            better = active & (res < best_res)
+            best_x = _where(better, x, best_x)
+            best_res = torch.where(better, res, best_res)
+        active &= res > tol * bnorm
+    zero = bnorm == 0
+    no = torch.zeros_like(zero)
+    if safeguards:
+        gave_up = (best_res >= start) & (start > tol * bnorm) & ~zero & ~bad
+        worse = res > start
+        # gave up: best_x is the start; diverging: the iterate of smallest residual
+        x = _where(gave_up | worse, best_x, x)
+        final = torch.where(gave_up, start, torch.where(worse, best_res, res))
+        diverged = no
+        if bool(gave_up.any()):
+            which = gave_up.nonzero().flatten().tolist()
+            warnings.warn(
+                f"CG gave up on run(s) {which} of the batch: no iterate had a smaller residual "
+                "than the start; returning the start. The operator may be indefinite or badly "
+                "scaled: add damping or change the solver.",
+                SolverGaveUpWarning,
+                stacklevel=2,
+            )
+    else:
+        gave_up = no
+        final = res
+        diverged = (res > start) & ~bad
+    x = _where(zero, [torch.zeros_like(t) for t in x], x)
+    x = _where(bad, [torch.full_like(t, float("nan")) for t in x], x)
+    rel = torch.where(zero, torch.zeros_like(final), final / torch.where(zero, 1, bnorm))
+    rel = torch.where(bad, torch.full_like(rel, float("nan")), rel)
+    return x, BatchedSolveInfo(iters, rel, gave_up, diverged, bad)
+
+
 # ------------------------------------------------------------------ output-space Hessians
 class OutputHessian:
     """Per-sample Hessians H_i = ∂²_v ℓ(v_i) of a per-sample loss at predictions V ∈ R^{B×d}.
@@ -405,12 +593,16 @@ def _isotropic_scale(H: Tensor) -> Tensor | None:
 
 __all__ = [
     "CG",
+    "BatchedSolveInfo",
     "Identity",
     "Neumann",
     "OutputHessian",
     "SolveInfo",
     "Solver",
     "SolverGaveUpWarning",
+    "batched_cg",
+    "run_dot",
+    "run_norm",
     "taxpy",
     "tdot",
     "tnorm",

@@ -233,3 +233,186 @@ def test_cg_without_safeguards_is_textbook_cg():
     p = r0
     alpha = (r0 @ r0) / (p @ (d * p))
     assert torch.allclose(x, x0[0] + alpha * p, rtol=1e-14, atol=0)
+
+
+# ------------------------------------------------------------------ batched CG (R systems)
+SHAPES = ((2, 3), (4,))  # every run's unknown: a tuple of a [2, 3] and a [4] tensor (n = 10)
+
+
+def _stacked_matvec(As):
+    """The R operators ``As [R, n, n]`` on stacked tuples shaped ``[R, *SHAPES[k]]``."""
+
+    def mv(v):
+        x = torch.cat([t.reshape(t.shape[0], -1) for t in v], 1)
+        y = torch.einsum("rij,rj->ri", As, x)
+        out, i = [], 0
+        for t in v:
+            m = t[0].numel()
+            out.append(y[:, i : i + m].reshape(t.shape))
+            i += m
+        return out
+
+    return mv
+
+
+def _run_matvec(mv, r, runs):
+    """Run r's operator alone, through the stacked one (so both solvers see the same
+    products, bit for bit)."""
+
+    def mv_r(v):
+        full = [torch.zeros(runs, *t.shape, dtype=t.dtype) for t in v]
+        for f, t in zip(full, v, strict=True):
+            f[r] = t
+        return tuple(t[r] for t in mv(full))
+
+    return mv_r
+
+
+def _split(x):
+    """A length-n vector as one run's tuple."""
+    return (x[:6].reshape(2, 3), x[6:])
+
+
+def _stack_runs(vectors):
+    """R length-n vectors as a stacked tuple."""
+    return [torch.stack([_split(x)[k] for x in vectors]) for k in range(len(SHAPES))]
+
+
+def _flat(xs):
+    return torch.cat([t.reshape(-1) for t in xs])
+
+
+def _batched_systems(damping):
+    """Six systems (A_r − damping·I, so that the damped operators are A_r), their right-hand
+    sides and warm starts:
+
+    0. SPD, cond 100, a warm start near the solution (kept);
+    1. SPD, a warm start 10⁶ times too large (rejected with safeguards: start from zero);
+    2. b = 0 (with a warm start): x = 0 after no iteration;
+    3. SPD with three distinct eigenvalues: stops by tol after 3 iterations;
+    4. indefinite: no iterate improves on the start within 6 iterations (gives up), cold;
+    5. indefinite: the last iterate is worse than the start, an earlier one better (the
+       safeguarded solver returns that one);
+    6. SPD, warm-started at its solution: no iteration, and no giving up.
+    """
+    D = torch.float64
+    n = 10
+    g = torch.Generator().manual_seed(7)
+    A0 = _spd(n, seed=1, cond=100.0)
+    A1 = _spd(n, seed=2, cond=10.0)
+    A2 = _spd(n, seed=3)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))
+    A3 = Q @ torch.diag(torch.tensor([1.0] * 4 + [2.0] * 3 + [4.0] * 3, dtype=D)) @ Q.T
+    g22, g1 = torch.Generator().manual_seed(22), torch.Generator().manual_seed(1)
+    d4, b4 = torch.randn(n, generator=g22, dtype=D), torch.randn(n, generator=g22, dtype=D)
+    d5, b5 = torch.randn(n, generator=g1, dtype=D), torch.randn(n, generator=g1, dtype=D)
+    A6 = _spd(n, seed=4, cond=30.0)
+    As = torch.stack([A0, A1, A2, A3, torch.diag(d4), torch.diag(d5), A6])
+    bs = [torch.randn(n, generator=g, dtype=D) for _ in range(4)] + [b4, b5]
+    bs += [torch.randn(n, generator=g, dtype=D)]
+    bs[2] = torch.zeros(n, dtype=D)
+    x0s = [
+        torch.linalg.solve(A0, bs[0]) + 0.05 * torch.randn(n, generator=g, dtype=D),
+        1e6 * torch.randn(n, generator=g, dtype=D),
+        torch.randn(n, generator=g, dtype=D),
+        torch.zeros(n, dtype=D),
+        torch.randn(n, generator=g, dtype=D),  # not used: run 4 starts cold
+        torch.zeros(n, dtype=D),
+        torch.linalg.solve(A6, bs[6]),
+    ]
+    warm = torch.tensor([True, True, True, False, False, False, True])
+    eye = torch.eye(n, dtype=D)
+    return As - damping * eye, As, bs, x0s, warm
+
+
+@pytest.mark.parametrize("safeguards", [True, False])
+def test_batched_cg_is_cg_run_by_run(safeguards):
+    from funcbo.linalg import SolverGaveUpWarning, batched_cg
+
+    damping, maxiter = 0.25, 6
+    shifted, As, bs, x0s, warm = _batched_systems(damping)
+    runs = len(bs)
+    mv = _stacked_matvec(shifted)
+    cg = CG(maxiter=maxiter, damping=damping, safeguards=safeguards)
+    want = []
+    for r in range(runs):
+        x0 = _split(x0s[r]) if warm[r] else None
+        if safeguards and r == 4:
+            with pytest.warns(SolverGaveUpWarning):
+                want.append(cg(_run_matvec(mv, r, runs), _split(bs[r]), x0))
+        else:
+            want.append(cg(_run_matvec(mv, r, runs), _split(bs[r]), x0))
+    if safeguards:
+        with pytest.warns(SolverGaveUpWarning, match=r"run\(s\) \[4\]"):
+            x, info = batched_cg(
+                mv, _stack_runs(bs), _stack_runs(x0s), warm, maxiter=maxiter, damping=damping
+            )
+    else:
+        x, info = batched_cg(
+            mv, _stack_runs(bs), _stack_runs(x0s), warm,
+            maxiter=maxiter, damping=damping, safeguards=False,
+        )  # fmt: skip
+    assert [len(t) for t in x] == [runs, runs] and x[0].shape == (runs, 2, 3)
+    for r, (xr, ir) in enumerate(want):
+        got = _flat([t[r] for t in x])
+        assert torch.allclose(got, _flat(xr), rtol=1e-12, atol=1e-14), r
+        assert int(info.iterations[r]) == ir.iterations, r
+        assert float(info.residual[r]) == pytest.approx(ir.residual, rel=1e-10, abs=1e-15), r
+        assert bool(info.gave_up[r]) == ir.gave_up and bool(info.diverged[r]) == ir.diverged, r
+        assert info.run(r).iterations == ir.iterations
+    assert not bool(info.nonfinite.any())
+    # what each run is there for (so that the comparison above covers each path)
+    exact = [torch.linalg.solve(A, b) for A, b in zip(As, bs, strict=True)]
+    # the kept warm start: 6 iterations from it end well below the cold solve's residual
+    _, cold0 = cg(_run_matvec(mv, 0, runs), _split(bs[0]))
+    assert int(info.iterations[0]) == maxiter
+    assert float(info.residual[0]) < 0.05 and cold0.residual > 0.15
+    cold, _ = cg(_run_matvec(mv, 1, runs), _split(bs[1]))
+    if safeguards:  # the bad warm start is dropped: run 1 is the cold solve
+        assert torch.allclose(_flat(want[1][0]), _flat(cold), rtol=1e-14, atol=0)
+        assert float(info.residual[1]) < 0.1
+    else:  # taken: the residual stays of the order of the warm start's
+        assert float(info.residual[1]) > 1e3
+    assert torch.equal(_flat([t[2] for t in x]), torch.zeros(10, dtype=torch.float64))
+    assert int(info.iterations[2]) == 0 and float(info.residual[2]) == 0.0
+    assert int(info.iterations[3]) == 3 and float(info.residual[3]) <= 1e-10
+    assert rel_err(_flat([t[3] for t in x]), exact[3]) <= 1e-9
+    assert int(info.iterations[6]) == 0 and float(info.residual[6]) <= 1e-14
+    assert torch.equal(_flat([t[6] for t in x]), x0s[6])
+    if safeguards:
+        assert [bool(g) for g in info.gave_up] == [False] * 4 + [True, False, False]
+        assert torch.equal(_flat([t[4] for t in x]), torch.zeros(10, dtype=torch.float64))
+        assert float(info.residual[4]) == 1.0 and int(info.iterations[4]) == maxiter
+        assert 0.1 < float(info.residual[5]) < 0.5  # the best iterate, not the last
+        assert not bool(info.diverged.any())
+    else:
+        assert not bool(info.gave_up.any())
+        # (run 1's residual falls from its warm start's, which is ~10⁶ ‖b‖)
+        assert [bool(d) for d in info.diverged] == [False] * 4 + [True, True, False]
+        assert float(info.residual[4]) > 1.0 and float(info.residual[5]) > 1.0
+
+
+def test_batched_cg_non_finite_product_fails_that_run_alone():
+    from funcbo.linalg import batched_cg
+
+    shifted, _, bs, _, _ = _batched_systems(0.0)
+    As = shifted[:4].clone()
+    As[1, 0, 0] = float("inf")
+    mv = _stacked_matvec(As)
+    x, info = batched_cg(mv, _stack_runs(bs[:4]), maxiter=6)
+    assert [bool(f) for f in info.nonfinite] == [False, True, False, False]
+    assert bool(torch.isnan(_flat([t[1] for t in x])).all())
+    assert torch.isnan(info.residual[1]) and not bool(info.gave_up[1] or info.diverged[1])
+    with pytest.raises(NonFiniteLossError):
+        CG(maxiter=6)(_run_matvec(mv, 1, 4), _split(bs[1]))
+    for r in (0, 2, 3):
+        want, wi = CG(maxiter=6)(_run_matvec(mv, r, 4), _split(bs[r]))
+        assert torch.allclose(_flat([t[r] for t in x]), _flat(want), rtol=1e-12, atol=1e-14)
+        assert int(info.iterations[r]) == wi.iterations
+
+
+def test_batched_cg_keeps_the_iv_import():
+    from funcbo.apps.iv import batched as iv_batched
+    from funcbo.linalg import batched_cg
+
+    assert iv_batched.batched_cg is batched_cg

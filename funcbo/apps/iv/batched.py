@@ -24,7 +24,8 @@ Batched methods (:data:`BATCHED_KINDS`), on designs without covariates (dSprites
 * ``aid`` in the authors' feature formulation (:class:`~funcbo.apps.iv.problem.IVFeatureProblem`,
   the paper's): the inner Adam steps on the feature network, then :class:`funcbo.AID`'s
   parameter-space solve with a warm start, by textbook CG (``safeguards=False``, the paper's;
-  per-run inner products, step sizes and stopping: :func:`batched_cg`), Neumann or Identity;
+  per-run inner products, step sizes and stopping: :func:`funcbo.linalg.batched_cg`), Neumann
+  or Identity;
 * ``itd`` (feature formulation): :class:`funcbo.ITD`'s unrolled gradient steps on the stacked
   feature network's tensors (``params=``, as ``functional_call``), the graph kept through the
   last ``truncate`` steps, without momentum;
@@ -51,6 +52,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from funcbo.apps.iv.networks import InstrumentModel, Standardize
+from funcbo.linalg import _where, batched_cg, run_dot, run_norm
 
 #: IV method kinds with a batched step
 BATCHED_KINDS = (
@@ -411,92 +413,6 @@ def ridge_objective(features: Tensor, target: Tensor, weight: Tensor, lam: float
     """(1/n)‖Y − F̄W‖² + λ‖W‖² per run, ``[R]``."""
     r = target - ridge_predict(features, weight)
     return (r**2).sum(2).mean(1) + lam * (weight**2).sum((1, 2))
-
-
-def run_dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    """Per-run Σ_k ⟨x_k, y_k⟩ of stacked tuples, ``[R]``."""
-    out = (xs[0] * ys[0]).flatten(1).sum(1)
-    for x, y in zip(xs[1:], ys[1:], strict=True):
-        out = out + (x * y).flatten(1).sum(1)
-    return out
-
-
-def run_norm(xs: Sequence[Tensor]) -> Tensor:
-    """Per-run Euclidean norm of stacked tuples, ``[R]`` (float64)."""
-    return run_dot([x.double() for x in xs], [x.double() for x in xs]).sqrt()
-
-
-def _where(mask: Tensor, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[Tensor]:
-    """Run by run: x where ``mask`` (``[R]``), else y."""
-    return [
-        torch.where(mask.reshape(-1, *([1] * (x.dim() - 1))), x, y)
-        for x, y in zip(xs, ys, strict=True)
-    ]
-
-
-def _col(a: Tensor, x: Tensor) -> Tensor:
-    return a.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-
-
-def batched_cg(
-    matvec: Any,
-    b: Sequence[Tensor],
-    x0: Sequence[Tensor] | None,
-    warm: Tensor,
-    *,
-    maxiter: int,
-    tol: float,
-) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
-    """Textbook CG (:class:`funcbo.linalg.CG` with ``safeguards=False``) on R systems at once.
-
-    Each run has its own inner products, step sizes, residual and stopping test
-    (‖r‖ ≤ tol·‖b‖, or ``maxiter``, or a breakdown pᵀAp = 0); a finished run's iterate stays
-    as it is while the others go on. ``matvec`` applies the R operators to stacked tuples.
-    Runs with ``warm`` start from ``x0``; the others from zero. A run whose pᵀAp is not finite
-    gets a NaN solution (the unbatched solver raises; the batch marks that run failed).
-
-    Returns:
-        (x, iterations ``[R]``, relative residual ``[R]``, diverged ``[R]``: final residual
-        above the starting one).
-    """
-    b = list(b)
-    warm = warm.to(b[0].device)
-    bnorm = run_norm(b)
-    x = [torch.zeros_like(t) for t in b]
-    r = b
-    if x0 is not None and bool(warm.any()):
-        x0 = _where(warm, list(x0), x)
-        Ax0 = matvec(x0)
-        r = _where(warm, [bi - ai for bi, ai in zip(b, Ax0, strict=True)], b)
-        x = x0
-    p = r
-    rz = run_dot(r, r)
-    res = start = run_norm(r)
-    iters = torch.zeros(len(bnorm), dtype=torch.long, device=bnorm.device)
-    active = (bnorm > 0) & (res > tol * bnorm)
-    bad = torch.zeros_like(active)
-    for _ in range(maxiter):
-        if not bool(active.any()):
-            break
-        Ap = matvec(p)
-        pAp = run_dot(p, Ap)
-        bad |= active & ~torch.isfinite(pAp)
-        active &= torch.isfinite(pAp) & (pAp != 0)
-        alpha = torch.where(active, rz / torch.where(active, pAp, 1), 0)
-        x = _where(active, [xi + _col(alpha, xi) * pi for xi, pi in zip(x, p, strict=True)], x)
-        r = _where(active, [ri - _col(alpha, ri) * ai for ri, ai in zip(r, Ap, strict=True)], r)
-        rz_new = run_dot(r, r)
-        beta = torch.where(active, rz_new / torch.where(active, rz, 1), 0)
-        p = _where(active, [ri + _col(beta, pi) * pi for ri, pi in zip(r, p, strict=True)], p)
-        rz = torch.where(active, rz_new, rz)
-        iters += active.long()
-        res = torch.where(active, run_norm(r), res)
-        active &= res > tol * bnorm
-    zero = bnorm == 0
-    x = _where(zero, [torch.zeros_like(t) for t in x], x)
-    x = _where(bad, [torch.full_like(t, float("nan")) for t in x], x)
-    rel = torch.where(zero, torch.zeros_like(res), res / torch.where(zero, 1, bnorm))
-    return x, iters, rel, res > start
 
 
 def batched_neumann(

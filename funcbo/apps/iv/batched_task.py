@@ -526,13 +526,17 @@ class IVBatchTask(BatchTask):
         iters = torch.zeros(R, dtype=torch.float64)
         diverged = torch.zeros(R, dtype=torch.float64)
         if isinstance(solver, CG):
-            A = matvec
-            if solver.damping:
-                A = lambda v: [h + solver.damping * t for h, t in zip(matvec(v), v, strict=True)]  # noqa: E731
-            v, it, _, div = batched_cg(
-                A, g_theta, x0, self.aid_warm, maxiter=solver.maxiter, tol=solver.tol
+            v, info = batched_cg(
+                matvec,
+                g_theta,
+                x0,
+                self.aid_warm,
+                maxiter=solver.maxiter,
+                tol=solver.tol,
+                damping=solver.damping,
+                safeguards=False,  # unbatched_reason: textbook CG only
             )
-            iters, diverged = it.double(), div.double()
+            iters, diverged = info.iterations.double(), info.diverged.double()
         elif isinstance(solver, Neumann):
             v = batched_neumann(
                 matvec, g_theta, x0, self.aid_warm, iters=solver.iters, lr=solver.lr
