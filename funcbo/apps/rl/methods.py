@@ -33,6 +33,7 @@ from funcbo.estimator import ImplicitEstimator, ImplicitStats
 from funcbo.experiments.methods import make_optimizer as _make_optimizer
 from funcbo.functional import FuncID, FuncIDStats
 from funcbo.inner import InnerSolver
+from funcbo.linalg import CG
 from funcbo.parametric import AIDStats
 
 Sampler = Callable[[], dict[str, Tensor]]
@@ -209,6 +210,12 @@ class BilevelUpdater(Updater):
             out["adjoint_loss"] = d.adjoint.loss
         if isinstance(d, AIDStats):
             out["solver_iters"] = float(d.solve.iterations)
+            if isinstance(getattr(self.estimator, "solver", None), CG):
+                # omd_cg: how the solve went (a gave-up solve has no implicit term)
+                out["solver_residual"] = d.solve.residual
+                out["solver_gave_up"] = float(d.solve.gave_up)
+                out["solver_diverged"] = float(d.solve.diverged)
+                out["dual_norm"] = d.dual_norm
         return out
 
     def state_dict(self) -> dict[str, Any]:
