@@ -9,14 +9,17 @@ the stacked tensors is R independent optimizers; learning rates (and the Polyak 
 per-run tensors, so grid points that differ only in them share a batch.
 
 The update rules are those of :mod:`funcbo.apps.rl.methods`, written out for the stacked
-parameters (the bilevel ones through their closed forms: both FuncID with a pointwise adjoint
-and OMD's identity-Hessian AID are the gradient of ω ↦ mean_i c_i · ŷ_i(ω) for a coefficient c
-computed without a graph to ω, see :meth:`BatchedUpdater._hypergradient`). In float64 one
-batched update equals, run by run, the unbatched updater's update on the same batch to
-rounding (``tests/test_rl_batched.py``).
+parameters (the bilevel ones through their closed forms: FuncID with a pointwise adjoint and
+OMD's AID, with the identity or CG's solution of the damped parameter-space Hessian, are the
+gradient of ω ↦ mean_i c_i · ŷ_i(ω) for a coefficient c computed without a graph to ω, see
+:meth:`BatchedUpdater._hypergradient`). ``omd_cg``'s CG runs per run
+(:func:`funcbo.linalg.batched_cg`: per-run inner products, step sizes, stopping and safeguards)
+on the Hessian-vector products of the sum of the runs' inner losses, which is block diagonal
+across runs. In float64 one batched update equals, run by run, the unbatched updater's update
+on the same batch to rounding (``tests/test_rl_batched.py``).
 
-Supported kinds: :data:`BATCHED_KINDS` (``funcid_network`` with its adjoint at the inner
-solution, the default). ``omd_cg`` (CG with per-run stopping) runs unbatched.
+Supported kinds: :data:`BATCHED_KINDS`, every RL kind (``funcid_network`` with its adjoint at
+the inner solution, the default), with Adam optimizers and without ``predict_delta``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 
 from funcbo.apps.rl.config import (
     MLE,
+    OMDCG,
     VEP,
     FuncIDNetworkRL,
     RLBilevelMethod,
@@ -40,6 +44,7 @@ from funcbo.apps.rl.config import (
     RLProblemConfig,
 )
 from funcbo.apps.rl.networks import DoubleQ, DynamicsModel, EnsembleMLP, ValueEnsemble
+from funcbo.linalg import batched_cg, run_norm
 
 #: method kinds with a batched update rule
 BATCHED_KINDS = (
@@ -48,6 +53,7 @@ BATCHED_KINDS = (
     "funcid_solution",
     "funcid_network",
     "omd",
+    "omd_cg",
     "mle",
     "vep",
     "model_free",
@@ -298,6 +304,12 @@ class BatchedUpdater:
             self.adjoint_scale = (
                 float(problem.batch_size) if method.adjoint_scale is None else method.adjoint_scale
             )
+        #: omd_cg's last CG solution per run (stacked like ``qp``; the warm start) and which
+        #: runs have one
+        self.aid_v: Params = []
+        self.aid_warm = torch.zeros(r, dtype=torch.bool)
+        if kind == "omd_cg":
+            self.aid_v = [torch.zeros_like(p).detach() for p in self.qp]
 
     # ------------------------------------------------------------------------- networks
     def q_values(self, params: Params, obs: Tensor) -> Tensor:
@@ -439,23 +451,32 @@ class BatchedUpdater:
           Adam steps on J(φ) = ½ mean Σ_k a_k² + mean Σ_k g_k a_k (identity output Hessian,
           g = h* − y), then c_ik = −a_ik;
         * OMD, AID with v = ∂_θ L_out (identity inverse Hessian): ∇F = −∂_ω⟨∂_θ L_in, v⟩,
-          so c_i = Σ_k ⟨∂_θ Q_k(s_i, a_i), ∂_θ L_out⟩, a Jacobian-vector product.
+          so c_i = Σ_k ⟨∂_θ Q_k(s_i, a_i), ∂_θ L_out⟩, a Jacobian-vector product;
+        * OMD with CG (``omd_cg``): the same with v ≈ (H + δI)⁻¹ ∂_θ L_out from
+          :meth:`_solve_cg` instead of ∂_θ L_out.
 
         (With the per-head target, ŷ has one column per head and c_ik multiplies ŷ_ik.)
         """
         obs, action, nd = b["obs"], b["action"], b["not_done"]
         with torch.no_grad():
             y = self.bellman_target(b["reward"], b["next_obs"], nd)
+        ns, r = self.model(obs, action)
+        if self.kind == "funcid_reference":
+            ns = b["next_obs"]
+        y_hat = self.bellman_target(r, ns, nd)
         out: dict[str, Any] = {}
         kind = self.kind
-        if kind == "omd":
+        if kind in ("omd", "omd_cg"):
             pred = self.q_of_action(self.qp, obs, action)
             l_out = 0.5 * (pred - y).square().sum(2).mean(1)
-            g_theta = torch.autograd.grad(l_out.sum(), self.qp)
+            if kind == "omd":
+                direction = torch.autograd.grad(l_out.sum(), self.qp)
+            else:
+                direction = self._solve_cg(pred, l_out, y_hat.detach(), out)
             jv = torch.func.jvp(
                 lambda *p: self.q_of_action(list(p), obs, action),
                 tuple(t.detach() for t in self.qp),
-                tuple(g_theta),
+                tuple(direction),
             )[1]
             coef = jv
             out["outer_loss"] = l_out.detach()
@@ -476,10 +497,6 @@ class BatchedUpdater:
             else:
                 coef = g
                 out["adjoint_loss"] = -0.5 * g.square().sum(2).mean(1)
-        ns, r = self.model(obs, action)
-        if kind == "funcid_reference":
-            ns = b["next_obs"]
-        y_hat = self.bellman_target(r, ns, nd)
         surrogate = (y_hat * coef.detach()).sum(2).mean(1)
         params = self.model_opt.params  # type: ignore[union-attr]
         grads = torch.autograd.grad(surrogate.sum(), params, allow_unused=True)
@@ -492,6 +509,57 @@ class BatchedUpdater:
         out["grad_norm"] = sq.sqrt()
         out["_grads"] = grads
         return out
+
+    def _solve_cg(
+        self, pred: Tensor, l_out: Tensor, y_model: Tensor, out: dict[str, Any]
+    ) -> tuple[Tensor, ...]:
+        """``omd_cg``'s v: every run's CG solution of (H_r + δI) v_r = ∂_θ L_out,r.
+
+        As :meth:`funcbo.AID.hypergradient` with ``share_prediction`` (the Q-network's
+        prediction ``pred`` serves both losses): H_r is the Hessian in θ of run r's inner loss
+        L_in,r = mean ½Σ_k (Q_k(s, a) − ŷ)² at the Q-network after its steps, with the model
+        target ŷ (``y_model``, no graph) of the updated target network; its products are the
+        double backward of Σ_r L_in,r, block diagonal across runs. The solver is the method's
+        :class:`~funcbo.linalg.CG` run by run (:func:`~funcbo.linalg.batched_cg`), started from
+        the run's previous solution with ``warm_start``. Writes the solve's metrics into ``out``
+        (the unbatched updater's names) and returns v stacked like the Q-network's tensors.
+        """
+        method = self.method
+        assert isinstance(method, OMDCG)
+        cg = method.solver
+        qp, runs = self.qp, self.runs
+        g_theta = torch.autograd.grad(l_out.sum(), qp, retain_graph=True)
+        l_in = 0.5 * (pred - y_model).square().sum(2).mean(1)
+        G = torch.autograd.grad(l_in.sum(), qp, create_graph=True)
+
+        def per_run(ts: Sequence[Tensor]) -> list[Tensor]:  # [R·K, ...] → [R, K, ...]
+            return [t.reshape(runs, -1, *t.shape[1:]) for t in ts]
+
+        def stacked(ts: Sequence[Tensor]) -> list[Tensor]:  # [R, K, ...] → [R·K, ...]
+            return [t.reshape(-1, *t.shape[2:]) for t in ts]
+
+        def matvec(v: list[Tensor]) -> list[Tensor]:
+            return per_run(torch.autograd.grad(G, qp, stacked(v), retain_graph=True))
+
+        v, info = batched_cg(
+            matvec,
+            per_run(g_theta),
+            per_run(self.aid_v) if method.warm_start else None,
+            self.aid_warm,
+            maxiter=cg.maxiter,
+            tol=cg.tol,
+            damping=cg.damping,
+            safeguards=cg.safeguards,
+        )
+        # contiguous, as a restored warm start is: the next solve then rounds the same way
+        self.aid_v = [t.detach().contiguous() for t in stacked(v)]
+        self.aid_warm[:] = True
+        out["solver_iters"] = info.iterations.double()
+        out["solver_residual"] = info.residual
+        out["solver_gave_up"] = info.gave_up.double()
+        out["solver_diverged"] = info.diverged.double()
+        out["dual_norm"] = run_norm(v)
+        return tuple(stacked(v))
 
     def _fit_adjoint(self, obs: Tensor, action: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """``adjoint_steps`` Adam steps of every run's adjoint network on its J; returns a at
@@ -537,6 +605,15 @@ class BatchedUpdater:
             state["model_opt"] = self.model_opt.state_dict(run)
         if self.adj_opt is not None:
             state["adjoint_opt"] = self.adj_opt.state_dict(run)
+        if self.kind == "omd_cg":
+            # the warm start, as funcbo.AID's state: a list of tensors shaped like the run's
+            # Q-network parameters, or None before the first solve
+            k = self.heads
+            state["v"] = (
+                [t[run * k : (run + 1) * k].clone() for t in self.aid_v]
+                if bool(self.aid_warm[run])
+                else None
+            )
         return state
 
     @torch.no_grad()
@@ -555,6 +632,13 @@ class BatchedUpdater:
             self.model_opt.load_state_dict(run, state["model_opt"])
         if self.adj_opt is not None:
             self.adj_opt.load_state_dict(run, state["adjoint_opt"])
+        if self.kind == "omd_cg":
+            v = state.get("v")
+            heads = self.heads
+            if v is not None:
+                for t, src in zip(self.aid_v, v, strict=True):
+                    t[run * heads : (run + 1) * heads].copy_(src)
+            self.aid_warm[run] = v is not None
 
 
 def check_batchable(methods: Sequence[RLMethodConfig], problems: Sequence[RLProblemConfig]) -> None:
