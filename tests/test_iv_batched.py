@@ -9,14 +9,20 @@ moment and metric within 1e-10.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
 
+import funcbo.apps.iv.batched_task as batched_task
 import funcbo.cli  # noqa: F401 - registers the experiments lazily
 from funcbo.apps.iv import IVProblemConfig, IVTask, paper_method
 from funcbo.apps.iv.batched import BATCHED_KINDS, StackedAdam, StackedNet
@@ -26,7 +32,7 @@ from funcbo.experiments.batch import plan_jobs
 from funcbo.experiments.config import ConfigError, load_config_dict, plan_runs
 from funcbo.experiments.runner import run_sweep
 from funcbo.experiments.task import RunSpec
-from funcbo.linalg import CG, Neumann
+from funcbo.linalg import CG, Neumann, SolverGaveUpWarning, batched_cg, run_norm
 
 TINY = {
     "dataset": "dsprites",
@@ -52,6 +58,7 @@ CASES = [
     ("funcid_linear", {}),
     ("funcid", {}),
     ("aid", {}),  # the paper's: textbook CG(2) from the warm start
+    ("aid", {"solver": CG(maxiter=2)}),  # CG(2) with its safeguards, from the warm start
     ("aid", {"solver": Neumann(iters=3, lr=0.005)}),  # a contracting series (lr < 2/λ_max)
     ("itd", {"unroll": 4, "truncate": 2}),
     ("gradient_penalty", {}),
@@ -100,6 +107,7 @@ CASE_IDS = [
     "funcid_linear",
     "funcid",
     "aid_cg",
+    "aid_cg_safeguards",
     "aid_neumann",
     "itd",
     "gradient_penalty",
@@ -111,6 +119,7 @@ def test_every_batched_kind_is_tested() -> None:
     assert {k for k, _ in CASES} == set(BATCHED_KINDS)
 
 
+@pytest.mark.filterwarnings("ignore::funcbo.linalg.SolverGaveUpWarning")
 @pytest.mark.parametrize("batches", ["full", "minibatch"])
 @pytest.mark.parametrize(("kind", "method"), CASES, ids=CASE_IDS)
 def test_a_batched_step_is_every_runs_lone_step(
@@ -154,6 +163,67 @@ def test_a_batch_of_one_equals_the_lone_run_over_iterations(cache: str) -> None:
         assert abs(float(got["outer_loss"][0]) - want["outer_loss"]) <= TOL
 
 
+@pytest.mark.parametrize(
+    "solver",
+    [CG(maxiter=2), CG(maxiter=4, damping=0.05)],
+    ids=["cg_safeguards", "cg_safeguards_damped"],
+)
+def test_safeguarded_aid_runs_are_their_lone_runs_over_iterations(
+    solver: CG, cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AID with CG's safeguards: over iterations the batch's own warm start is dropped, kept and
+    given up on run by run, as each lone run's CG decides; every step's metrics (solver_gave_up,
+    solver_gave_up_total, solver_iters, dual_norm, ...) and the final states are the lone runs'."""
+    specs = _specs("aid", cache, {"solver": solver})
+    alone, batch = [IVTask(s) for s in specs], IVBatchTask(specs)
+    dropped: list[torch.Tensor] = []  # per solve: warm runs whose start was dropped
+
+    def spy(matvec: Any, b: list[Tensor], x0: list[Tensor], warm: Tensor, **kw: Any) -> Any:
+        if bool(warm.any()):
+            Ax = matvec(list(x0))
+            r0 = [bi - ai - kw["damping"] * xi for bi, ai, xi in zip(b, Ax, x0, strict=True)]
+            dropped.append(warm & (run_norm(r0) >= run_norm(b)))
+        return batched_cg(matvec, b, x0, warm, **kw)
+
+    monkeypatch.setattr(batched_task, "batched_cg", spy)
+    gave_up = []
+    for it in range(4):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SolverGaveUpWarning)
+            got = batch.step()
+        # one warning for the batch's solve when a run gave up, as the lone runs' warnings
+        warned = [w for w in caught if issubclass(w.category, SolverGaveUpWarning)]
+        assert len(warned) == int(bool(got["solver_gave_up"].any()))
+        for r, task in enumerate(alone):
+            with _quiet():
+                want = task.step()
+            assert set(want) - MACHINE == set(got)
+            for k in set(got):
+                d = _close(got[k][r], want[k])
+                assert d <= TOL, (it, k, r, d)
+            gave_up.append(want["solver_gave_up"])
+            assert want["solver_iters"] == solver.maxiter
+    for r, task in enumerate(alone):
+        a, b = _tensors(batch.state_dict(r)), _tensors(task.state_dict())
+        assert set(a) == set(b)
+        for k in set(a) - {"/elapsed"}:
+            assert _close(a[k], b[k]) <= TOL, (k, r)
+    # the safeguards acted, differently per run: warm starts dropped and kept, solves given up
+    # and not
+    drops = torch.stack(dropped)
+    totals = [batch.state_dict(r)["solver_gave_up_total"] for r in range(len(specs))]
+    assert sum(totals) == sum(gave_up)
+    assert bool(drops.any()) and not bool(drops.all())
+    assert 0 < sum(gave_up) < len(gave_up)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverGaveUpWarning)
+        yield
+
+
 def test_a_diverged_run_does_not_touch_the_others(cache: str) -> None:
     specs = _specs("funcid_linear", cache)
     batch, ref = IVBatchTask(specs), IVBatchTask(specs)
@@ -190,7 +260,6 @@ def test_stacked_net_forward_and_adam_match_torch() -> None:
     ("kind", "fields"),
     [
         ("aid", {"formulation": "functional"}),
-        ("aid", {"solver": CG(maxiter=2)}),  # CG with its safeguards
         ("itd", {"formulation": "functional"}),
         ("funcid_linear", {"inner_solver": "gradient"}),
     ],

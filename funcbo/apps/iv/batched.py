@@ -23,9 +23,9 @@ Batched methods (:data:`BATCHED_KINDS`), on designs without covariates (dSprites
   (:class:`funcbo.NetworkAdjoint` without holdout), then the cross term and the outer step;
 * ``aid`` in the authors' feature formulation (:class:`~funcbo.apps.iv.problem.IVFeatureProblem`,
   the paper's): the inner Adam steps on the feature network, then :class:`funcbo.AID`'s
-  parameter-space solve with a warm start, by textbook CG (``safeguards=False``, the paper's;
-  per-run inner products, step sizes and stopping: :func:`funcbo.linalg.batched_cg`), Neumann
-  or Identity;
+  parameter-space solve with a warm start, by the method's CG (the paper's textbook CG,
+  ``safeguards=False``, or with its safeguards and damping; per-run inner products, step sizes,
+  stopping and safeguards: :func:`funcbo.linalg.batched_cg`), Neumann or Identity;
 * ``itd`` (feature formulation): :class:`funcbo.ITD`'s unrolled gradient steps on the stacked
   feature network's tensors (``params=``, as ``functional_call``), the graph kept through the
   last ``truncate`` steps, without momentum;

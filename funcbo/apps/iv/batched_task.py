@@ -10,8 +10,8 @@ an unbatched one does; evaluation runs each run's own networks.
 
 Every IV method kind has a batched step, in the settings the paper protocol uses
 (:func:`unbatched_reason` lists what is not batched: the demand design, the functional
-formulation of the parametric baselines, FuncID's gradient inner solver, CG with its
-safeguards, ...). A run in such a setting is refused: :func:`batch_key` raises a
+formulation of the parametric baselines, FuncID's gradient inner solver, AID without its
+warm start, ...). A run in such a setting is refused: :func:`batch_key` raises a
 :class:`~funcbo.experiments.config.ConfigError` naming the method before anything runs
 (``funcbo run`` without ``--batch-seeds`` runs it).
 """
@@ -71,8 +71,6 @@ def unbatched_reason(spec: RunSpec) -> str | None:
     if isinstance(mc, FeatureOption) and not mc.features_formulation:
         return f"{kind} is batched in the paper's formulation (formulation: features) only"
     if isinstance(mc, IVAID):
-        if isinstance(mc.solver, CG) and mc.solver.safeguards:
-            return "aid is batched with the paper's textbook CG only (cg_safeguards: false)"
         if not getattr(mc, "warm_start", True):
             return "aid is batched with its warm start only"
     if isinstance(mc, IVFuncID) and mc.adjoint_holdout > 0:
@@ -524,8 +522,11 @@ class IVBatchTask(BatchTask):
         solver = self.solver
         x0 = self.aid_v
         iters = torch.zeros(R, dtype=torch.float64)
+        gave_up = torch.zeros(R, dtype=torch.float64)
         diverged = torch.zeros(R, dtype=torch.float64)
         if isinstance(solver, CG):
+            # the method's CG run by run: its safeguards (a warm start dropped, the iterate of
+            # smallest residual, gave up) and damping as funcbo.linalg.CG applies them
             v, info = batched_cg(
                 matvec,
                 g_theta,
@@ -534,9 +535,10 @@ class IVBatchTask(BatchTask):
                 maxiter=solver.maxiter,
                 tol=solver.tol,
                 damping=solver.damping,
-                safeguards=False,  # unbatched_reason: textbook CG only
+                safeguards=solver.safeguards,
             )
             iters, diverged = info.iterations.double(), info.diverged.double()
+            gave_up = info.gave_up.double()
         elif isinstance(solver, Neumann):
             v = batched_neumann(
                 matvec, g_theta, x0, self.aid_warm, iters=solver.iters, lr=solver.lr
@@ -547,6 +549,7 @@ class IVBatchTask(BatchTask):
             v = [solver.scale * t for t in g_theta]
         self.aid_v = [t.detach() for t in v]
         self.aid_warm[:] = True
+        self.gave_up_total += gave_up  # as the IV task counts its estimator's solves_gave_up
         cross = torch.autograd.grad(G, psi.params, v)
         total = [go + -1.0 * c for go, c in zip(g_omega, cross, strict=True)]
         gnorm = grad_norms(total)
@@ -556,7 +559,7 @@ class IVBatchTask(BatchTask):
             "inner_loss_at_hypergrad": l_in.detach().double(),
             "grad_norm": gnorm,
             "solver_iters": iters,
-            "solver_gave_up": torch.zeros(R, dtype=torch.float64),
+            "solver_gave_up": gave_up,
             "solver_diverged": diverged,
             "dual_norm": run_norm(v),
             "inner_loss": last,
