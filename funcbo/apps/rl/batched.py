@@ -485,8 +485,8 @@ class BatchedUpdater:
                 pred = self.q_of_action(self.qp, obs, action)
                 out["outer_loss"] = 0.5 * (pred - y).square().sum(2).mean(1)
                 if kind in ("funcid_solution", "funcid_network"):
-                    ns, r = self.model(obs, action)
-                    v = self.bellman_target(r, ns, nd).expand(-1, -1, self.heads)
+                    # h* = ŷ: the model's Bellman target computed above (same target network)
+                    v = y_hat.detach().expand(-1, -1, self.heads)
                     out["solution_outer_loss"] = 0.5 * (v - y).square().sum(2).mean(1)
                 else:
                     v = pred
