@@ -11,7 +11,7 @@ import yaml
 
 import funcbo.cli  # noqa: F401 - registers the experiments lazily
 from funcbo.experiments.batch import execute_batch, plan_jobs
-from funcbo.experiments.config import load_config_dict, plan_runs
+from funcbo.experiments.config import ConfigError, load_config_dict, plan_runs
 from funcbo.experiments.runner import RunOptions, run_sweep
 
 CONFIG = {
@@ -56,6 +56,45 @@ def test_jobs_group_seeds_and_grid_points_of_a_method() -> None:
     assert sorted(len(j) for j in jobs) == [6, 6]  # 3 seeds × 2 learning rates, per method
     assert {r.method for r in jobs[0]} in ({"omd"}, {"mle"})
     assert [len(j) for j in plan_jobs(plan_runs(_cfg(batch_seeds=False)))] == [1] * 12
+
+
+def test_batch_max_runs_splits_a_method_seed_major() -> None:
+    jobs = plan_jobs(plan_runs(_cfg(batch_max_runs=4)))
+    assert [len(j) for j in jobs] == [4, 2, 4, 2]
+    for job in jobs:
+        assert len({r.method for r in job}) == 1
+    lr = "methods.*.inner_lr"
+    assert [(r.seed, r.point[lr]) for r in jobs[0]] == [
+        (0, 3.0e-4), (0, 3.0e-3), (1, 3.0e-4), (1, 3.0e-3)
+    ]  # fmt: skip
+    assert [(r.seed, r.point[lr]) for r in jobs[1]] == [(2, 3.0e-4), (2, 3.0e-3)]
+    assert [len(j) for j in plan_jobs(plan_runs(_cfg(batch_max_runs=6)))] == [6, 6]
+    with pytest.raises(ConfigError, match="batch_max_runs: must be ≥ 1"):
+        _cfg(batch_max_runs=0)
+
+
+def test_batch_max_runs_is_how_runs_execute_not_what_they_compute(tmp_path: Path) -> None:
+    """Split into batches of 4 and 2, each run gives what it gives in the batch of six; a sweep
+    with another split serves the finished runs instead of calling them stale."""
+    cfg = _cfg(methods={"omd": {"kind": "omd"}}, dtype="float64")
+    runs = plan_runs(cfg)
+    run_sweep(runs, tmp_path / "all", progress=False)
+    split = plan_runs(_cfg(methods={"omd": {"kind": "omd"}}, dtype="float64", batch_max_runs=4))
+    res = run_sweep(split, tmp_path / "split", progress=False)
+    assert res.ok and len(res.finished) == 6
+    sizes = {
+        r.run_id: json.loads((tmp_path / "split" / r.run_id / "summary.json").read_text())[
+            "batched_runs"
+        ]
+        for r in split
+    }
+    assert sorted(sizes.values()) == [2, 2, 4, 4, 4, 4]
+    for r in runs:
+        a, b = _final(tmp_path / "all", r.run_id), _final(tmp_path / "split", r.run_id)
+        for k in ("outer_loss", "q_loss", "grad_norm", "return"):
+            assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-12), (r.run_id, k)
+    again = run_sweep(runs, tmp_path / "split", progress=False)
+    assert len(again.skipped) == 6
 
 
 def test_batched_sweep_writes_ordinary_run_dirs(tmp_path: Path) -> None:

@@ -48,9 +48,10 @@ def plan_jobs(runs: list[PlannedRun]) -> list[list[PlannedRun]]:
 
     With ``batch_seeds`` off, or for an experiment without batched tasks, every run is its own
     job. Otherwise runs of one method variant (and variants the experiment's ``batch_key``
-    puts together) share a job.
+    puts together) share a job; with ``batch_max_runs`` set, such a group is split seed-major
+    (every grid point of a seed, then the next seed) into jobs of at most that many runs.
     """
-    jobs: dict[Any, list[PlannedRun]] = {}
+    groups: dict[Any, list[PlannedRun]] = {}
     for i, run in enumerate(runs):
         exp = get_experiment(run.spec.experiment)
         if not run.config.batch_seeds or exp.make_batch_task is None:
@@ -59,8 +60,16 @@ def plan_jobs(runs: list[PlannedRun]) -> list[list[PlannedRun]]:
             key = ("batch", run.spec.experiment, exp.batch_key(run.spec))
         else:
             key = ("batch", run.spec.experiment, run.variant)
-        jobs.setdefault(key, []).append(run)
-    return list(jobs.values())
+        groups.setdefault(key, []).append(run)
+    jobs: list[list[PlannedRun]] = []
+    for group in groups.values():
+        size = group[0].config.batch_max_runs
+        if size is None or len(group) <= size:
+            jobs.append(group)
+            continue
+        ordered = sorted(group, key=lambda r: r.seed)  # stable: grid order within a seed
+        jobs.extend(ordered[k : k + size] for k in range(0, len(ordered), size))
+    return jobs
 
 
 def execute_batch(

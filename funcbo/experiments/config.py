@@ -96,6 +96,11 @@ class ExperimentConfig:
             process as one batched program, where the experiment supports it (each run still
             has its own directory). Part of what a run computes: a batched run draws its
             randomness from other streams than the same seed run alone.
+        batch_max_runs: with ``batch_seeds``, the most runs one batched program holds; a
+            method's runs are split seed-major (all grid points of a seed, then the next seed)
+            into batches of at most this many, which ``workers`` run side by side. How runs are
+            executed, not what they compute (every run draws from its own generators): use it
+            to fit a batch into memory or into the time a machine is held. Default: no limit.
     """
 
     experiment: str
@@ -114,6 +119,7 @@ class ExperimentConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     batch_seeds: bool = False
+    batch_max_runs: int | None = None
     source: str = field(default="<dict>", init=False, repr=False, compare=False)
 
     def spec(self) -> ExperimentSpec:
@@ -513,6 +519,8 @@ def _check_ranges(cfg: ExperimentConfig, src: str) -> None:
         raise ConfigError(f"{src}: seeds: at least one seed is needed")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"{src}: threads: must be ≥ 1, got {cfg.threads}")
+    if cfg.batch_max_runs is not None and cfg.batch_max_runs < 1:
+        raise ConfigError(f"{src}: batch_max_runs: must be ≥ 1, got {cfg.batch_max_runs}")
     if not cfg.resources.cpus > 0:
         raise ConfigError(f"{src}: resources.cpus: must be > 0, got {cfg.resources.cpus}")
     if not cfg.resources.gpus >= 0:

@@ -284,7 +284,14 @@ def record_lost_run(out: str | Path, run: PlannedRun, reason: str) -> None:
 
 
 #: config keys that say how a run is executed, not what it computes (ignored when comparing)
-EXECUTION_KEYS = ("checkpoint_every", "name", "resources", "tensorboard", "threads")
+EXECUTION_KEYS = (
+    "batch_max_runs",
+    "checkpoint_every",
+    "name",
+    "resources",
+    "tensorboard",
+    "threads",
+)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
