@@ -194,3 +194,15 @@ def test_unbatched_checkpoint_is_not_continued_in_a_batch(tmp_path: Path) -> Non
     )
     assert runs[0].run_id not in res
     assert "unbatched" in (d / "error.txt").read_text()
+
+
+def test_progress_line_names_a_batch_once() -> None:
+    from funcbo.experiments.runner import _active_runs
+
+    runs = {f"omd/seed_{k}": (2200 + (k == 3), 200000) for k in range(30)}
+    runs["mle/seed_0"] = (50, 200000)
+    runs["dfiv/seed_0"] = (7, 100)
+    assert _active_runs(runs) == (
+        "30 runs at 2200–2201/200000 (omd/seed_0 … omd/seed_29), mle/seed_0 50/200000, "
+        "dfiv/seed_0 7/100"
+    )

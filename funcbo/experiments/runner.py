@@ -488,8 +488,11 @@ class _Progress:
             bar.update(it - bar.n)
         elif self.enabled and time.perf_counter() - self.last_print > 30:
             self.last_print = time.perf_counter()
-            active = ", ".join(f"{r} {i}/{t}" for r, (i, t) in self.runs.items())
-            print(f"[{self.done}/{self.total} runs done] {active}", file=sys.stderr, flush=True)
+            print(
+                f"[{self.done}/{self.total} runs done] {_active_runs(self.runs)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     update = progress  # the name execute_run's callers used
 
@@ -528,6 +531,30 @@ class _Progress:
             bar.close()
         if self._overall is not None:
             self._overall.close()
+
+
+def _active_runs(runs: dict[str, tuple[int, int]]) -> str:
+    """The running runs in one short line: a run alone as ``id it/total``; runs at the same
+    iteration (give or take one: the runs of one batch) as ``30 runs at 2200/200000 (first id
+    … last id)``."""
+    clusters: list[list[tuple[str, int, int]]] = []
+    for rid, (it, total) in runs.items():
+        for c in clusters:
+            if c[0][2] == total and abs(c[0][1] - it) <= 1:
+                c.append((rid, it, total))
+                break
+        else:
+            clusters.append([(rid, it, total)])
+    parts = []
+    for c in clusters:
+        rid, it, total = c[0]
+        if len(c) == 1:
+            parts.append(f"{rid} {it}/{total}")
+            continue
+        lo, hi = min(x[1] for x in c), max(x[1] for x in c)
+        span = f"{lo}" if lo == hi else f"{lo}–{hi}"
+        parts.append(f"{len(c)} runs at {span}/{total} ({rid} … {c[-1][0]})")
+    return ", ".join(parts)
 
 
 def write_sweep_file(out: Path, runs: list[PlannedRun]) -> None:
