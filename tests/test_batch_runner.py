@@ -73,6 +73,21 @@ def test_batch_max_runs_splits_a_method_seed_major() -> None:
         _cfg(batch_max_runs=0)
 
 
+def test_batch_max_runs_splits_only_the_runs_still_to_do(tmp_path: Path) -> None:
+    """Finished runs are served apart, so each batch of at most N holds N runs to do."""
+    runs = plan_runs(_cfg(batch_max_runs=4))
+    for r in runs:
+        if r.seed == 0 or (r.seed == 1 and r.method == "omd"):
+            d = tmp_path / r.run_id
+            d.mkdir(parents=True)
+            status = "finished" if r.seed == 0 else "running"
+            (d / "summary.json").write_text(json.dumps({"status": status}))
+    jobs = plan_jobs(runs, tmp_path)
+    assert [len(j) for j in jobs] == [2, 4, 2, 4]
+    assert [{r.seed for r in j} for j in jobs] == [{0}, {1, 2}, {0}, {1, 2}]
+    assert [len(j) for j in plan_jobs(runs)] == [4, 2, 4, 2]  # without out: as before
+
+
 def test_batch_max_runs_is_how_runs_execute_not_what_they_compute(tmp_path: Path) -> None:
     """Split into batches of 4 and 2, each run gives what it gives in the batch of six; a sweep
     with another split serves the finished runs instead of calling them stale."""

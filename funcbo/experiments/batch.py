@@ -43,13 +43,25 @@ ResultFn = Callable[[str, "dict[str, Any] | None", "str | None"], None]
 BATCHED_CHECKPOINT = "batched"
 
 
-def plan_jobs(runs: list[PlannedRun]) -> list[list[PlannedRun]]:
+def _finished(out: Path, run: PlannedRun) -> bool:
+    """Whether ``run`` has a finished run directory under ``out`` (a damaged one is not)."""
+    try:
+        summary = RunDir(out / run.run_id).summary()
+    except Exception:  # unreadable: execute_batch reports it for this run alone
+        return False
+    return summary is not None and summary.get("status") == "finished"
+
+
+def plan_jobs(runs: list[PlannedRun], out: str | Path | None = None) -> list[list[PlannedRun]]:
     """The sweep's runs as jobs, in the order of their first run.
 
     With ``batch_seeds`` off, or for an experiment without batched tasks, every run is its own
     job. Otherwise runs of one method variant (and variants the experiment's ``batch_key``
     puts together) share a job; with ``batch_max_runs`` set, such a group is split seed-major
     (every grid point of a seed, then the next seed) into jobs of at most that many runs.
+    Given ``out``, runs already finished there are left out of that split (they form one job
+    of their own, which only serves them), so that every batch of at most ``batch_max_runs``
+    holds runs still to do.
     """
     groups: dict[Any, list[PlannedRun]] = {}
     for i, run in enumerate(runs):
@@ -67,8 +79,13 @@ def plan_jobs(runs: list[PlannedRun]) -> list[list[PlannedRun]]:
         if size is None or len(group) <= size:
             jobs.append(group)
             continue
-        ordered = sorted(group, key=lambda r: r.seed)  # stable: grid order within a seed
-        jobs.extend(ordered[k : k + size] for k in range(0, len(ordered), size))
+        done = [r for r in group if _finished(Path(out), r)] if out is not None else []
+        if done:
+            jobs.append(done)
+        served = {r.run_id for r in done}
+        todo = sorted((r for r in group if r.run_id not in served), key=lambda r: r.seed)
+        # sorted is stable: grid order within a seed
+        jobs.extend(todo[k : k + size] for k in range(0, len(todo), size))
     return jobs
 
 

@@ -98,7 +98,8 @@ class ExperimentConfig:
             randomness from other streams than the same seed run alone.
         batch_max_runs: with ``batch_seeds``, the most runs one batched program holds; a
             method's runs are split seed-major (all grid points of a seed, then the next seed)
-            into batches of at most this many, which ``workers`` run side by side. How runs are
+            into batches of at most this many, which ``workers`` run side by side (runs
+            already finished are left out of the split). How runs are
             executed, not what they compute (every run draws from its own generators): use it
             to fit a batch into memory or into the time a machine is held. Default: no limit.
     """

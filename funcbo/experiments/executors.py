@@ -111,7 +111,7 @@ class LocalExecutor(Executor):
     ) -> None:
         if options.threads is None:
             options = dataclasses.replace(options, threads=default_threads(self.workers))
-        jobs = plan_jobs(runs)
+        jobs = plan_jobs(runs, out)
         if self.workers <= 1:
             for job in jobs:
                 _run_job(job, out, options, events)
