@@ -242,8 +242,9 @@ def run_norm(xs: Sequence[Tensor]) -> Tensor:
     return run_dot([x.double() for x in xs], [x.double() for x in xs]).sqrt()
 
 
-def _where(mask: Tensor, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[Tensor]:
-    """Run by run: x where ``mask`` (``[R]``), else y."""
+def run_where(mask: Tensor, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[Tensor]:
+    """Run by run: ``xs`` where ``mask`` (``[R]``, one flag per run) is true, else ``ys``,
+    for stacked tuples whose tensors have the run as leading axis."""
     return [
         torch.where(mask.reshape(-1, *([1] * (x.dim() - 1))), x, y)
         for x, y in zip(xs, ys, strict=True)
@@ -345,16 +346,16 @@ def batched_cg(
     x = [torch.zeros_like(t) for t in b]
     r = b
     if x0 is not None and bool(warm.any()):
-        xw = _where(warm, list(x0), x)
+        xw = run_where(warm, list(x0), x)
         Ax0 = A(xw)
         r0 = [bi - ai for bi, ai in zip(b, Ax0, strict=True)]
         if safeguards:
             # a warm start worse than zero would only carry the error forward (as CG)
             warm = warm & (run_norm(r0) < bnorm)
-            x = _where(warm, xw, x)
+            x = run_where(warm, xw, x)
         else:
             x = xw
-        r = _where(warm, r0, b)
+        r = run_where(warm, r0, b)
     p = r
     rz = run_dot(r, r)
     res = start = run_norm(r)
@@ -370,17 +371,17 @@ def batched_cg(
         bad |= active & ~torch.isfinite(pAp)
         active &= torch.isfinite(pAp) & (pAp != 0)
         alpha = torch.where(active, rz / torch.where(active, pAp, 1), 0)
-        x = _where(active, [xi + _col(alpha, xi) * pi for xi, pi in zip(x, p, strict=True)], x)
-        r = _where(active, [ri - _col(alpha, ri) * ai for ri, ai in zip(r, Ap, strict=True)], r)
+        x = run_where(active, [xi + _col(alpha, xi) * pi for xi, pi in zip(x, p, strict=True)], x)
+        r = run_where(active, [ri - _col(alpha, ri) * ai for ri, ai in zip(r, Ap, strict=True)], r)
         rz_new = run_dot(r, r)
         beta = torch.where(active, rz_new / torch.where(active, rz, 1), 0)
-        p = _where(active, [ri + _col(beta, pi) * pi for ri, pi in zip(r, p, strict=True)], p)
+        p = run_where(active, [ri + _col(beta, pi) * pi for ri, pi in zip(r, p, strict=True)], p)
         rz = torch.where(active, rz_new, rz)
         iters += active.long()
         res = torch.where(active, run_norm(r), res)
         if safeguards:
             better = active & (res < best_res)
-            best_x = _where(better, x, best_x)
+            best_x = run_where(better, x, best_x)
             best_res = torch.where(better, res, best_res)
         active &= res > tol * bnorm
     zero = bnorm == 0
@@ -389,7 +390,7 @@ def batched_cg(
         gave_up = (best_res >= start) & (start > tol * bnorm) & ~zero & ~bad
         worse = res > start
         # gave up: best_x is the start; diverging: the iterate of smallest residual
-        x = _where(gave_up | worse, best_x, x)
+        x = run_where(gave_up | worse, best_x, x)
         final = torch.where(gave_up, start, torch.where(worse, best_res, res))
         diverged = no
         if bool(gave_up.any()):
@@ -405,8 +406,8 @@ def batched_cg(
         gave_up = no
         final = res
         diverged = (res > start) & ~bad
-    x = _where(zero, [torch.zeros_like(t) for t in x], x)
-    x = _where(bad, [torch.full_like(t, float("nan")) for t in x], x)
+    x = run_where(zero, [torch.zeros_like(t) for t in x], x)
+    x = run_where(bad, [torch.full_like(t, float("nan")) for t in x], x)
     rel = torch.where(zero, torch.zeros_like(final), final / torch.where(zero, 1, bnorm))
     rel = torch.where(bad, torch.full_like(rel, float("nan")), rel)
     return x, BatchedSolveInfo(iters, rel, gave_up, diverged, bad)
@@ -603,6 +604,7 @@ __all__ = [
     "batched_cg",
     "run_dot",
     "run_norm",
+    "run_where",
     "taxpy",
     "tdot",
     "tnorm",

@@ -5,7 +5,7 @@ import torch
 from helpers import rel_err
 
 from funcbo.errors import NonFiniteLossError
-from funcbo.linalg import CG, Identity, Neumann, OutputHessian
+from funcbo.linalg import CG, Identity, Neumann, OutputHessian, run_dot, run_norm, run_where
 
 
 def _spd(n, seed=0, cond=10.0):
@@ -416,3 +416,13 @@ def test_batched_cg_keeps_the_iv_import():
     from funcbo.linalg import batched_cg
 
     assert iv_batched.batched_cg is batched_cg
+
+
+def test_run_by_run_helpers_treat_the_leading_axis_as_the_run() -> None:
+    x = [torch.arange(6.0).reshape(3, 2), torch.ones(3, 2, 2)]
+    y = [-torch.ones(3, 2), torch.zeros(3, 2, 2)]
+    picked = run_where(torch.tensor([True, False, True]), x, y)
+    assert picked[0].tolist() == [[0.0, 1.0], [-1.0, -1.0], [4.0, 5.0]]
+    assert picked[1].sum(dim=(1, 2)).tolist() == [4.0, 0.0, 4.0]
+    assert run_dot(x, x).tolist() == [1.0 + 4.0, 4.0 + 9.0 + 4.0, 16.0 + 25.0 + 4.0]
+    assert run_norm(y).tolist() == pytest.approx([2**0.5] * 3)

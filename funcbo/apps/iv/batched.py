@@ -52,7 +52,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from funcbo.apps.iv.networks import InstrumentModel, Standardize
-from funcbo.linalg import _where, batched_cg, run_dot, run_norm
+from funcbo.linalg import batched_cg, run_dot, run_norm, run_where
 
 #: IV method kinds with a batched step
 BATCHED_KINDS = (
@@ -432,7 +432,7 @@ def batched_neumann(
         x = [lr * t for t in b]
         start = 1
     else:
-        x = _where(warm, list(x0), [torch.zeros_like(t) for t in b])
+        x = run_where(warm, list(x0), [torch.zeros_like(t) for t in b])
         start = 0
     for _ in range(start, iters):
         Ax = matvec(x)
