@@ -27,6 +27,7 @@ from funcbo.experiments.runner import (
     _RUNNER_KEYS,
     ProgressFn,
     RunOptions,
+    _finished_before,
     _numeric,
     _record_failure,
     _summary_base,
@@ -43,15 +44,6 @@ ResultFn = Callable[[str, "dict[str, Any] | None", "str | None"], None]
 BATCHED_CHECKPOINT = "batched"
 
 
-def _finished(out: Path, run: PlannedRun) -> bool:
-    """Whether ``run`` has a finished run directory under ``out`` (a damaged one is not)."""
-    try:
-        summary = RunDir(out / run.run_id).summary()
-    except Exception:  # unreadable: execute_batch reports it for this run alone
-        return False
-    return summary is not None and summary.get("status") == "finished"
-
-
 def plan_jobs(runs: list[PlannedRun], out: str | Path | None = None) -> list[list[PlannedRun]]:
     """The sweep's runs as jobs, in the order of their first run.
 
@@ -59,9 +51,9 @@ def plan_jobs(runs: list[PlannedRun], out: str | Path | None = None) -> list[lis
     job. Otherwise runs of one method variant (and variants the experiment's ``batch_key``
     puts together) share a job; with ``batch_max_runs`` set, such a group is split seed-major
     (every grid point of a seed, then the next seed) into jobs of at most that many runs.
-    Given ``out``, runs already finished there are left out of that split (they form one job
-    of their own, which only serves them), so that every batch of at most ``batch_max_runs``
-    holds runs still to do.
+    Given ``out``, runs already finished there with the requested config are left out of that
+    split (they form one job of their own, which only serves them), so that every batch of at
+    most ``batch_max_runs`` holds runs still to do.
     """
     groups: dict[Any, list[PlannedRun]] = {}
     for i, run in enumerate(runs):
@@ -79,7 +71,7 @@ def plan_jobs(runs: list[PlannedRun], out: str | Path | None = None) -> list[lis
         if size is None or len(group) <= size:
             jobs.append(group)
             continue
-        done = [r for r in group if _finished(Path(out), r)] if out is not None else []
+        done = [r for r in group if _finished_before(r, Path(out))] if out is not None else []
         if done:
             jobs.append(done)
         served = {r.run_id for r in done}

@@ -36,15 +36,15 @@ from typing import Any, Literal, Protocol
 
 from funcbo.experiments.batch import execute_batch, plan_jobs
 from funcbo.experiments.config import PlannedRun
-from funcbo.experiments.errors import DamagedRunError, ExperimentError
+from funcbo.experiments.errors import ExperimentError
 from funcbo.experiments.runner import (
     RunOptions,
-    config_differences,
+    _finished_before,
     default_threads,
     execute_run,
     record_lost_run,
 )
-from funcbo.experiments.store import SUMMARY, RunDir
+from funcbo.experiments.store import SUMMARY
 from funcbo.experiments.task import experiment_module
 from funcbo.io import atomic_write
 
@@ -256,16 +256,6 @@ def ray_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("ray") is not None
-
-
-def _finished_before(run: PlannedRun, out: Path) -> bool:
-    """A finished run whose stored config is the requested one (skipped without a task)."""
-    rd = RunDir(out / run.run_id)
-    try:
-        done = rd.summary()
-    except DamagedRunError:
-        return False  # the task records the damage, as execute_run does locally
-    return done is not None and done.get("status") == "finished" and not config_differences(run, rd)
 
 
 def _read_tree(root: Path) -> dict[str, bytes]:

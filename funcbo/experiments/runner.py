@@ -342,6 +342,16 @@ def config_differences(run: PlannedRun, rd: RunDir) -> list[str]:
 _MISSING = object()
 
 
+def _finished_before(run: PlannedRun, out: Path) -> bool:
+    """A finished run whose stored config is the requested one (served without executing)."""
+    rd = RunDir(out / run.run_id)
+    try:
+        done = rd.summary()
+    except DamagedRunError:
+        return False  # executing it records the damage (execute_run, execute_batch)
+    return done is not None and done.get("status") == "finished" and not config_differences(run, rd)
+
+
 def _short(v: Any) -> str:
     text = "(absent)" if v is _MISSING else repr(v)
     return text if len(text) <= 40 else text[:37] + "..."
