@@ -3,7 +3,7 @@
     funcbo run CONFIG [--set key=value ...] [--methods a,b] [--seeds 0-19] [--workers N] [--out DIR]
                [--overwrite] [--restart RUN ...] [--batch-seeds]
                [--executor ray [--address ADDR] [--ray-results shared|driver]]
-    funcbo report DIR [--out DIR] [--name NAME] [--preamble FILE]
+    funcbo report DIR [--out DIR] [--name NAME] [--preamble FILE] [--seeds common|0-4]
                   [--select-by KEY [--select-mode min|max]]
     funcbo demo [--workers N] [--out DIR]
     funcbo list
@@ -148,6 +148,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise UsageError(f"funcbo report: cannot read --preamble {args.preamble}: {e}") from e
     if args.select_mode and not args.select_by:
         raise UsageError("funcbo report: --select-mode needs --select-by KEY")
+    seeds: str | list[int] | None = None
+    if args.seeds is not None:
+        if args.seeds.strip() == "common":
+            seeds = "common"
+        else:
+            from funcbo.experiments.config import parse_seeds
+
+            try:
+                seeds = parse_seeds(args.seeds)
+            except ValueError as e:
+                raise UsageError(f"funcbo report --seeds: {e} (or write 'common')") from e
     rep = make_report(
         args.dir,
         args.out,
@@ -156,6 +167,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         preamble=preamble,
         select_by=args.select_by,
         select_mode=args.select_mode,
+        seeds=seeds,
     )
     print(rep.markdown)
     for p in rep.figures:
@@ -306,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("min", "max"),
         help="whether the lowest or the highest score is best (default: the experiment's "
         "metric mode); needs --select-by",
+    )
+    rep.add_argument(
+        "--seeds",
+        metavar="SEEDS",
+        help="report only runs of these seeds (0-4, 0,2,5) or, with 'common', of the seeds at "
+        "which every variant has a finished run (a sweep still under way)",
     )
     rep.set_defaults(func=cmd_report)
 

@@ -605,3 +605,56 @@ def test_select_by_with_a_diverged_run_and_a_method_that_does_not_log_the_key(tm
     assert set(rep.data["methods"]) == {"funcid", "omd"}
     # report.json is strict JSON: a diverged run's score is null, not NaN
     json.loads(rep.paths["json"].read_text(), parse_constant=lambda c: pytest.fail(c))
+
+
+# ---------------------------------------------------------------------------- seed restriction
+def test_common_seeds_keep_the_seeds_every_variant_finished(tmp_path):
+    # funcid's seed 3 failed and aid's is running: the common seeds are 0-2
+    root = write_sweep(tmp_path / "runs")
+    write_run(root, "funcid", 4, final={"test_mse": 50.0}, wall=1.0)  # funcid only
+    rep = make_report(root, tmp_path, "common", figures=False, seeds="common")
+    assert rep.data["seeds"] == {
+        "rule": "the seeds at which every variant has a finished run",
+        "seeds": [0, 1, 2],
+        "left_out": 3,
+    }
+    assert rep.data["runs"]["funcid"] == {"finished": 3, "failed": 0, "running": 0}
+    assert rep.data["methods"]["funcid"]["test_mse"]["median"] == pytest.approx(0.6)
+    assert rep.data["methods"]["aid"]["test_mse"]["median"] == pytest.approx(2.0)
+    assert "Seeds 0–2 only (the seeds at which every variant" in rep.markdown
+    assert "3 runs of other seeds left out." in rep.markdown
+    everything = make_report(root, tmp_path, "all", figures=False)
+    assert everything.data["methods"]["funcid"]["test_mse"]["n"] == 4
+    assert "seeds" not in everything.data
+
+
+def test_listed_seeds_and_their_errors(tmp_path):
+    root = write_sweep(tmp_path / "runs")
+    rep = make_report(root, tmp_path, "listed", figures=False, seeds=[0, 2, 3])
+    assert rep.data["seeds"]["seeds"] == [0, 2, 3]
+    assert rep.data["runs"]["funcid"] == {"finished": 2, "failed": 1, "running": 0}
+    assert rep.data["methods"]["aid"]["test_mse"]["median"] == pytest.approx(2.5)
+    assert "Seeds 0, 2, 3 only (the seeds requested); 2 runs of other seeds" in rep.markdown
+    with pytest.raises(ValueError, match="no run of these seeds"):
+        make_report(root, tmp_path, "e", figures=False, seeds=[7, 8])
+    write_run(root, "ridge", 5, final={"test_mse": 1.0})
+    with pytest.raises(ValueError, match=r"no seed has a finished run of every variant.*ridge: 5"):
+        make_report(root, tmp_path, "e", figures=False, seeds="common")
+    with pytest.raises(ValueError, match="seeds must be 'common'"):
+        make_report(root, tmp_path, "e", figures=False, seeds="all")
+
+
+def test_common_seeds_with_grid_point_selection(grid_root, tmp_path, capsys):
+    # funcid at inner_lr 0.003 failed seed 2: the common seeds are 0 and 1, for omd too
+    from funcbo.cli import main
+
+    out = tmp_path / "cli"
+    args = ["report", str(grid_root), "--out", str(out), "--name", "c", "--seeds", "common"]
+    assert main([*args, "--select-by", "train_return"]) == 0
+    data = json.loads((out / "c.json").read_text())
+    assert data["seeds"]["seeds"] == [0, 1]
+    omd = data["selection"]["methods"]["omd"]
+    assert (omd["n"], omd["score"]) == (2, pytest.approx(25.0))
+    assert "Seeds 0, 1 only" in capsys.readouterr().out
+    assert main([*args[:-1], "0-x"]) == 2
+    assert "--seeds" in capsys.readouterr().err

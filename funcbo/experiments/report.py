@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -196,6 +196,60 @@ def _one_value(runs: list[_Run], key: str, what: str) -> str:
     return next(iter(seen))
 
 
+def _seed_of(r: _Run) -> int | None:
+    seed = r.summary.get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``"0–2, 5, 7, 8"`` (runs of three or more as a range)."""
+    groups: list[list[int]] = []
+    for s in sorted(seeds):
+        if groups and s == groups[-1][-1] + 1:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    parts = [f"{g[0]}–{g[-1]}" if len(g) > 2 else ", ".join(map(str, g)) for g in groups]
+    return ", ".join(parts)
+
+
+def _filter_seeds(runs: list[_Run], seeds: str | list[int]) -> tuple[list[_Run], dict[str, Any]]:
+    """The runs of the requested seeds, and ``report.json``'s ``"seeds"`` entry.
+
+    ``seeds="common"``: the seeds at which every variant has a finished run.
+    """
+    if seeds == "common":
+        per_variant: dict[str, set[int]] = {}
+        for r in runs:
+            s = per_variant.setdefault(r.variant, set())
+            if r.status == "finished" and _seed_of(r) is not None:
+                s.add(_seed_of(r))  # type: ignore[arg-type]
+        keep = set.intersection(*per_variant.values())
+        if not keep:
+            detail = "; ".join(
+                f"{v}: {_seeds_text(sorted(s)) or 'none'}" for v, s in sorted(per_variant.items())
+            )
+            raise ExperimentError(
+                f"seeds='common': no seed has a finished run of every variant (finished seeds "
+                f"per variant: {detail})"
+            )
+        rule = "the seeds at which every variant has a finished run"
+    elif isinstance(seeds, list) and seeds:
+        keep = set(seeds)
+        present = {_seed_of(r) for r in runs}
+        if not keep & present:
+            raise ExperimentError(
+                f"seeds {_seeds_text(seeds)}: no run of these seeds (runs have seeds "
+                f"{_seeds_text(sorted(s for s in present if s is not None)) or 'none'})"
+            )
+        rule = "the seeds requested"
+    else:
+        raise ExperimentError(f"seeds must be 'common' or a non-empty list of seeds, got {seeds!r}")
+    kept = [r for r in runs if _seed_of(r) in keep]
+    info = {"rule": rule, "seeds": sorted(keep), "left_out": len(runs) - len(kept)}
+    return kept, info
+
+
 def _sweep_info(root: Path) -> dict[str, Any]:
     path = root / SWEEP
     if not path.exists():
@@ -287,10 +341,20 @@ def _markdown(
         for w in selection["warnings"]:
             head += [f"**Warning:** {w}", ""]
         head += ["## Results", ""]
+    seed_info = data.get("seeds")
+    seed_line = []
+    if seed_info is not None:
+        left = seed_info["left_out"]
+        seed_line = [
+            f"Seeds {_seeds_text(seed_info['seeds'])} only ({seed_info['rule']}); "
+            f"{_plural(left, 'run')} of other seeds left out.",
+            "",
+        ]
     lines = [
         f"# {data['name']} (experiment `{data['experiment']}`)",
         "",
         *([preamble.strip(), "", "The generated report follows.", ""] if preamble else []),
+        *seed_line,
         *head,
         f"{_plural(total, 'run')} ({status_text}) {scope}. "
         f"Headline metric: "
@@ -646,6 +710,7 @@ def make_report(
     warn: Callable[[str], None] | None = None,
     select_by: str | None = None,
     select_mode: str | None = None,
+    seeds: str | Sequence[int] | None = None,
 ) -> Report:
     """Aggregate the runs under ``run_root`` into ``<name>.md``, ``<name>.json`` and figures.
 
@@ -715,6 +780,14 @@ def make_report(
 
     A method none of whose grid points has a scored run is left out with a warning.
 
+    Restricting the seeds (``seeds``), so that every row of a sweep still under way rests on
+    the same seeds: ``"common"`` keeps the seeds at which every variant (every method × grid
+    point, before any selection) has a finished run; a list keeps the seeds listed. Runs of
+    other seeds are left out of everything, counts included; the markdown says which seeds are
+    reported and how many runs were left out, and ``report.json`` has one more key::
+
+        "seeds": {"rule": str, "seeds": [int], "left_out": int}
+
     Args:
         run_root: a sweep's output directory (``funcbo run ... --out DIR``), or any directory
             whose run directories all belong to one experiment.
@@ -739,6 +812,8 @@ def make_report(
             every variant is its own row.
         select_mode: ``"max"`` or ``"min"``: whether the highest or the lowest score is best
             (default: the experiment's ``metric_mode``); needs ``select_by``.
+        seeds: ``"common"`` or a list of seeds: report only runs of these seeds (see above);
+            None: every run.
 
     Returns:
         The :class:`Report` (markdown, data, figure paths, markdown/JSON paths).
@@ -746,7 +821,7 @@ def make_report(
     Raises:
         ValueError: no run under ``run_root``, runs of several experiments or metrics, an
             invalid ``name``, an unknown requested metric, a ``select_by`` that no finished run
-            logs, or an invalid ``select_mode``.
+            logs, an invalid ``select_mode``, or ``seeds`` that keep no run.
         ImportError: ``figures=True`` without matplotlib.
     """
     root = Path(run_root)
@@ -778,6 +853,9 @@ def make_report(
         raise ExperimentError("select_mode needs select_by (the metric that selects grid points)")
     if select_mode not in (None, "min", "max"):
         raise ExperimentError(f"select_mode must be 'min' or 'max', got {select_mode!r}")
+    seed_info: dict[str, Any] | None = None
+    if seeds is not None:
+        runs, seed_info = _filter_seeds(runs, seeds if isinstance(seeds, str) else list(seeds))
     if figures:
         _matplotlib()  # fail before writing anything
     out = Path(out_dir) if out_dir is not None else root
@@ -896,6 +974,8 @@ def make_report(
     }
     if selection is not None:
         data["selection"] = selection
+    if seed_info is not None:
+        data["seeds"] = seed_info
 
     medians = {v: methods[v][metric]["median"] for v in variants if methods[v][metric]["n"]}
     best: set[str] = set()
