@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from funcbo.diagnostics import Diagnostics, mean_over_ranks
+from funcbo.distributed import all_reduce_mean_
 from funcbo.estimator import (
     HypergradientEstimator,
     StepStats,
@@ -35,7 +36,7 @@ from funcbo.estimator import (
     trainable,
 )
 from funcbo.inner import InnerSolver, frozen
-from funcbo.problem import Batch, BilevelProblem
+from funcbo.problem import Batch, BilevelProblem, check_finite_tensors
 
 
 def _losses(
@@ -153,12 +154,20 @@ class ValuePenalty(HypergradientEstimator):
 
         ∂_ω L_out(ω, θ) + γ·(∂_ω L_in(ω, θ) − ∂_ω L_in(ω, θ̂)).
 
+    With ``joint=True`` the θ-steps descend the penalised objective itself,
+    L_out + γ·L_in (the scale at which an optimizer's coupled weight decay and ε act), and the
+    last θ-step is taken from the point where the outer gradient is taken, with that point's
+    gradient: with ``inner_steps=1`` a step of θ and the caller's step of ω are one step of a
+    single optimizer over (ω, θ) on L_out + γ·(L_in(ω, θ) − L_in(ω, θ̂)), after the θ̂ steps
+    (the authors' value-function penalty for IV regression, ``PenaltyBasedMinMax``).
+
     Args:
         inner_model, inner_optimizer, inner_steps: the inner network and its θ-steps.
         penalty: γ > 0.
         value_model: the network θ̂ (default: a copy of the inner model).
         value_optimizer: its optimizer (default: the inner optimizer's class and settings).
         value_steps: optimizer steps on θ̂ per outer iteration (default: inner_steps).
+        joint: θ's last step simultaneous with ω's, on the penalised objective (see above).
     """
 
     def __init__(
@@ -171,11 +180,18 @@ class ValuePenalty(HypergradientEstimator):
         value_model: nn.Module | None = None,
         value_optimizer: torch.optim.Optimizer | None = None,
         value_steps: int | None = None,
+        joint: bool = False,
     ) -> None:
         if not penalty > 0:
             raise ValueError(f"penalty must be > 0, got {penalty}")
+        if joint and inner_steps < 1:
+            raise ValueError(
+                f"joint=True takes inner_steps ≥ 1 (the last one joint), got {inner_steps}"
+            )
         self.inner_model = inner_model
-        self.inner = InnerSolver(inner_model, inner_optimizer, inner_steps)
+        self.joint = joint
+        # joint: the last θ-step is taken in step(), from the outer gradient's point
+        self.inner = InnerSolver(inner_model, inner_optimizer, inner_steps - int(joint))
         self.inner_steps = max(inner_steps, 1)
         self.penalty = penalty
         self.value_model = value_model if value_model is not None else copy.deepcopy(inner_model)
@@ -200,17 +216,23 @@ class ValuePenalty(HypergradientEstimator):
         def objective(model: nn.Module, batch: Batch) -> Tensor:
             with frozen(outer):
                 l_in, l_out = _losses(problem, model, outer, batch, outer_batch)
-            return l_out / self.penalty + l_in
+            return l_out + self.penalty * l_in if self.joint else l_out / self.penalty + l_in
 
         self.inner.run(problem, outer, batches, objective=objective)
         omega = trainable(outer)
+        theta = trainable(self.inner_model) if self.joint else []
         batch = batches[-1]
         l_in, l_out = _losses(problem, self.inner_model, outer, batch, outer_batch)
         pred_hat = problem.predict(self.value_model, batch, "inner").detach()
         l_hat = problem.eval_inner(outer, pred_hat, batch).mean()
-        g_main = torch.autograd.grad(l_out + self.penalty * l_in, omega, allow_unused=True)
+        g_both = torch.autograd.grad(
+            l_out + self.penalty * l_in, [*omega, *theta], allow_unused=True
+        )
+        g_main, g_theta = g_both[: len(omega)], g_both[len(omega) :]
         g_hat = torch.autograd.grad(l_hat, omega, allow_unused=True)
         out = finish_outer_grads(outer, add_grads(list(g_main), list(g_hat), scale=-self.penalty))
+        if self.joint:
+            self._theta_step(theta, g_theta)
         stats = PenaltyStats(
             inner_loss=float(l_in.detach()),
             outer_loss=float(l_out.detach()),
@@ -220,6 +242,20 @@ class ValuePenalty(HypergradientEstimator):
         )
         self.diagnostics = mean_over_ranks(stats)
         return out
+
+    def _theta_step(self, theta: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+        """The joint θ-step: one inner-optimizer step with these gradients."""
+        full = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, grads, strict=True)]
+        all_reduce_mean_(full)
+        for p, g in zip(theta, full, strict=True):
+            p.grad = g
+        self.inner.optimizer.step()
+        self.inner.optimizer.zero_grad(set_to_none=True)
+        check_finite_tensors(
+            theta,
+            "the inner model's weights after the joint θ-step",
+            "the inner problem diverged: lower the inner learning rate",
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "value": self.value.state_dict()}

@@ -63,6 +63,7 @@ CASES = [
     ("itd", {"unroll": 4, "truncate": 2}),
     ("gradient_penalty", {}),
     ("value_penalty", {}),
+    ("value_penalty", {"joint": True, "value_steps": 2}),  # the authors': θ's last step with ω's
 ]
 
 
@@ -112,6 +113,7 @@ CASE_IDS = [
     "itd",
     "gradient_penalty",
     "value_penalty",
+    "value_penalty_joint",
 ]
 
 

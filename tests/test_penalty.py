@@ -37,3 +37,71 @@ def test_penalty_must_be_positive():
     for cls in (funcbo.ValuePenalty, funcbo.GradientPenalty):
         with pytest.raises(ValueError, match="penalty"):
             cls(inner, torch.optim.SGD(inner.parameters(), lr=0.1), 1, penalty=0.0)
+
+
+def test_joint_value_penalty_is_one_optimizer_over_omega_and_theta():
+    """joint=True, one θ-step: after θ̂'s steps, θ and ω take one step of a single Adam over
+    (ω, θ) on L_out + γ·(L_in(ω, θ) − L_in(ω, θ̂)), as the authors' IV value penalty."""
+    import copy
+
+    lq = LinearQuadratic(seed=3)
+    gamma, lr, value_steps = 0.5, 0.05, 3
+    outer, inner = lq.make_outer(), lq.make_inner()
+    ref_outer, ref_inner, ref_value = (copy.deepcopy(m) for m in (outer, inner, inner))
+    est = funcbo.ValuePenalty(
+        inner,
+        torch.optim.Adam(inner.parameters(), lr=lr, weight_decay=0.01),
+        1,
+        penalty=gamma,
+        value_steps=value_steps,
+        joint=True,
+    )
+    opt = torch.optim.Adam(outer.parameters(), lr=lr, weight_decay=0.01)
+    ref_opt = torch.optim.Adam(
+        [*ref_outer.parameters(), *ref_inner.parameters()], lr=lr, weight_decay=0.01
+    )
+    ref_value_opt = torch.optim.Adam(ref_value.parameters(), lr=lr, weight_decay=0.01)
+    problem, b_in, b_out = lq.problem, lq.inner_batch, lq.outer_batch
+
+    def l_in(model, omega):
+        return problem.eval_inner(omega, problem.predict(model, b_in, "inner"), b_in).mean()
+
+    for _ in range(3):
+        grads = est.step(problem, outer, b_in, b_out)
+        for p, g in zip(outer.parameters(), grads, strict=True):
+            p.grad = g
+        opt.step()
+        # the reference: θ̂'s steps with ω fixed, then one joint step
+        for _ in range(value_steps):
+            ref_value_opt.zero_grad()
+            loss = l_in(ref_value, ref_outer.requires_grad_(False))
+            loss.backward()
+            ref_value_opt.step()
+        ref_outer.requires_grad_(True)
+        ref_opt.zero_grad()
+        hat = problem.eval_inner(
+            ref_outer, problem.predict(ref_value, b_in, "inner").detach(), b_in
+        ).mean()
+        pred_out = problem.predict(ref_inner, b_out, "outer")
+        l_out = problem.eval_outer(ref_outer, pred_out, b_out).mean()
+        (l_out + gamma * (l_in(ref_inner, ref_outer) - hat)).backward()
+        ref_opt.step()
+    for got, want in (
+        (outer, ref_outer),
+        (inner, ref_inner),
+        (est.value_model, ref_value),
+    ):
+        for a, b in zip(got.parameters(), want.parameters(), strict=True):
+            assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    moved = sum(
+        float((a - b).detach().abs().sum())
+        for a, b in zip(inner.parameters(), lq.make_inner().parameters(), strict=True)
+    )
+    assert moved > 1e-3  # θ took its steps
+
+
+def test_joint_needs_an_inner_step():
+    lq = LinearQuadratic()
+    inner = lq.make_inner()
+    with pytest.raises(ValueError, match="joint"):
+        funcbo.ValuePenalty(inner, torch.optim.SGD(inner.parameters(), lr=0.1), 0, joint=True)

@@ -435,13 +435,29 @@ class GradientPenaltyMethod(EstimatorMethod):
 @register_method("value_penalty")
 @dataclass
 class ValuePenaltyMethod(EstimatorMethod):
-    """The value-function penalty (:class:`funcbo.ValuePenalty`) with weight ``penalty``."""
+    """The value-function penalty (:class:`funcbo.ValuePenalty`) with weight ``penalty``.
+
+    Attributes:
+        value_steps: optimizer steps on the value network θ̂ per outer iteration (None: as
+            ``inner_steps``); θ̂ takes the inner optimizer's settings.
+        joint: θ's last step simultaneous with ω's, on the penalised objective L_out + γ·L_in
+            (with ``inner_steps: 1``, one optimizer over (ω, θ), as the authors' IV code).
+    """
 
     penalty: float = 10.0
+    value_steps: int | None = None
+    joint: bool = False
 
     def _build(self, context: BuildContext) -> HypergradientEstimator:
         opt = self.inner_optimizer_for(context.inner_model.parameters())
-        return ValuePenalty(context.inner_model, opt, self.inner_steps, penalty=self.penalty)
+        return ValuePenalty(
+            context.inner_model,
+            opt,
+            self.inner_steps,
+            penalty=self.penalty,
+            value_steps=self.value_steps,
+            joint=self.joint,
+        )
 
 
 # ------------------------------------------------------------------ legacy flat configs

@@ -197,6 +197,10 @@ class IVBatchTask(BatchTask):
             )
             if self.penalty_kind is not None:
                 self.penalty = float(ests[0].penalty)  # type: ignore[union-attr]
+            #: the value penalty's θ-step simultaneous with ω's (ValuePenalty(joint=True))
+            self.penalty_joint = bool(getattr(ests[0], "joint", False))
+            if self.penalty_joint:  # its inner solver takes all θ-steps but the joint one
+                self.inner_steps = int(ests[0].inner_steps)  # type: ignore[union-attr]
             if self.penalty_kind == "value":
                 values = [e.value for e in ests]  # type: ignore[union-attr]
                 self.value_net = StackedNet([v.model for v in values])
@@ -669,11 +673,14 @@ class IVBatchTask(BatchTask):
             G = torch.autograd.grad(l_in.sum(), phi.params, create_graph=True)
             return 0.5 * sum((g**2).flatten(1).sum(1) for g in G)  # type: ignore[return-value]
 
-        for k in range(self.inner_steps):
+        joint = self.penalty_joint
+        for k in range(self.inner_steps - int(joint)):
             b = batches[k % len(batches)]
             l_in, l_out = self._feature_losses(phi, b, b_out, fixed)
             if self.penalty_kind == "gradient":
                 objective = l_out / gamma + half_sq_grad(l_in)
+            elif joint:
+                objective = l_out + gamma * l_in
             else:
                 objective = l_out / gamma + l_in
             self._phi_step(torch.autograd.grad(objective.sum(), phi.params))
@@ -690,9 +697,13 @@ class IVBatchTask(BatchTask):
                 pred_hat = self.value_net(b1["z"], training=True)
             T = self._live_target(b1["t"])
             l_hat = ridge_objective(pred_hat, T, ridge_fit(pred_hat, T, lam1), lam1)
-            g_main = torch.autograd.grad((l_out + gamma * l_in).sum(), psi_params)
+            theta = phi.params if joint else []
+            g_both = torch.autograd.grad((l_out + gamma * l_in).sum(), [*psi_params, *theta])
+            g_main, g_theta = g_both[: len(psi_params)], g_both[len(psi_params) :]
             g_hat = torch.autograd.grad(l_hat.sum(), psi_params)
             total = [a + -gamma * h for a, h in zip(g_main, g_hat, strict=True)]
+            if joint:  # θ's step from the point of ω's gradient
+                self._phi_step(list(g_theta))
             stats["value_loss"] = l_hat.detach().double()
             stats["penalty"] = (l_in - l_hat).detach().double()
         stats["grad_norm"] = grad_norms(total)

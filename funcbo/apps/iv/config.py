@@ -51,13 +51,25 @@ Gradient penalty     joint Adam on (ψ, φ), loss =           feature formulatio
                      (sums, norm not squared), γ = 0.1      of L_out + γ·½‖∇_θ L_in‖² (means,
                      in the config, grid {1, …, 1e-3},      squared), γ = 0.1; Adam lr 1e-3 wd
                      Adam lr 1e-5 wd 0.1, 2000 steps        0.1/2500 for both (20 θ-steps per ω)
-Value penalty        trainer never runs (wrong import)      feature formulation, γ = 10 (funcbo's
-                                                            default), settings of the above
+Value penalty        ``PenaltyBasedMinMax`` (no main.py):   feature formulation; ``value_steps:
+                     20 Adam steps of an auxiliary copy     20`` on θ̂, then ``joint: true`` with
+                     θ̂ of φ on the stage-1 loss, then one   ``inner_steps: 1``: θ's step and ω's
+                     Adam step of (ψ, φ) together on        from the same point on L_out +
+                     stage-2 loss + γ(stage-1 loss −        γ·(L_in − L_in(θ̂)) (means), γ = 0.01;
+                     stage-1 loss at θ̂) (sums), γ = 0.01,   Adam lr 1e-3 wd 0.1/2500 for all three
+                     lr 1e-3 wd 0.1 (all), 100 epochs
 ===================  ====================================  =====================================
 
 Known differences kept: the stage-1 ridge is λ₁ = 0.1 per sample for every method (the authors'
 parametric baselines use 0.05 and their penalty method 0.2); ITD unrolls gradient descent, not
 Adam; the penalty's norm is squared. Runs use float32 (the authors' float64).
+
+The authors' gradient penalty as coded (``PenaltyBased/trainer.py``) has no penalty gradient: it
+takes the stage-1 gradient norm from ``p.grad`` after a plain ``backward()`` (no graph), so
+γ·‖∇‖ is a constant, and the stage-1 gradient left in the instrument network's ``.grad`` makes
+its step a plain stage-1 step: one Adam step of each network per epoch, DFIV with one stage-1
+step. funcbo's ``gradient_penalty`` is the penalty method as described (the penalty's gradient
+included), not that code.
 
 The hidden widths and the demand design's settings are DFIV's (Xu et al., 2021; its code,
 github.com/liyuan9988/DeepFeatureIV, ``final_configs/dfiv_low_dim/configs.json``): λ₁ = λ₂ = 0.1
@@ -530,6 +542,7 @@ def _paper() -> dict[str, IVMethodConfig]:
     }
     aid_steps: _CommonSteps = {**common, "inner_weight_decay": 1e-3}
     itd_steps: _CommonSteps = {**common, "inner_lr": 1e-2}
+    joint_steps: _CommonSteps = {**common, "inner_steps": 1}
     return {
         "funcid": IVFuncID(
             adjoint_optimizer="adam",
@@ -551,7 +564,13 @@ def _paper() -> dict[str, IVMethodConfig]:
         ),
         "itd": IVITD(formulation="features", unroll=20, truncate=2, **itd_steps),
         "gradient_penalty": IVGradientPenalty(formulation="features", penalty=0.1, **common),
-        "value_penalty": IVValuePenalty(formulation="features", penalty=10.0, **common),
+        "value_penalty": IVValuePenalty(
+            formulation="features",
+            penalty=0.01,
+            value_steps=20,
+            joint=True,
+            **joint_steps,
+        ),
     }
 
 
