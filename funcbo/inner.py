@@ -29,6 +29,22 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _set_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """``p.grad`` of every parameter from ``grads`` (None: zero), averaged across ranks."""
+    full = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    all_reduce_mean_(full)
+    for p, g in zip(params, full, strict=True):
+        p.grad = g
+
+
+def _check_weights(params: Sequence[torch.Tensor], when: str) -> None:
+    check_finite_tensors(
+        params,
+        f"the inner model's weights {when}",
+        "the inner problem diverged: lower the inner learning rate",
+    )
+
+
 class InnerSolver:
     """``steps`` optimizer steps on L_in(ω, h_θ) = mean ℓ_in(ω, h_θ(x), ·) in θ, ω held fixed.
 
@@ -54,7 +70,7 @@ class InnerSolver:
 
         ``objective(model, batch) -> scalar`` replaces the inner loss (penalty methods use it).
         """
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._params()
         last = float("nan")
         for k in range(self.steps):
             batch = batches[k % len(batches)]
@@ -66,26 +82,31 @@ class InnerSolver:
                         loss = problem.eval_inner(outer, pred, batch).mean()
                 else:
                     loss = objective(self.model, batch)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                full = [
-                    torch.zeros_like(p) if g is None else g
-                    for p, g in zip(params, grads, strict=True)
-                ]
-                all_reduce_mean_(full)
-                for p, g in zip(params, full, strict=True):
-                    p.grad = g
+                _set_grads(params, torch.autograd.grad(loss, params, allow_unused=True))
                 return loss.detach()
 
             loss = self.optimizer.step(closure)  # type: ignore[arg-type] # torch types the closure as returning a float; optimizers accept a Tensor
             self.optimizer.zero_grad(set_to_none=True)
             last = float(loss) if loss is not None else float("nan")
         if self.steps:
-            check_finite_tensors(
-                params,
-                f"the inner model's weights after {self.steps} inner steps",
-                "the inner problem diverged: lower the inner learning rate",
-            )
+            _check_weights(params, f"after {self.steps} inner steps")
         return last
+
+    def step_with(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """One optimizer step with given gradients of the trainable parameters (in
+        ``model.parameters()`` order; None: zero), averaged across ranks as in :meth:`run`.
+
+        For a step whose gradient comes from a graph shared with other quantities
+        (``ValuePenalty(joint=True)``: θ's step from the point of ω's gradient).
+        """
+        params = self._params()
+        _set_grads(params, grads)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _check_weights(params, "after a step with given gradients")
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

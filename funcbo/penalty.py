@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from funcbo.diagnostics import Diagnostics, mean_over_ranks
-from funcbo.distributed import all_reduce_mean_
 from funcbo.estimator import (
     HypergradientEstimator,
     StepStats,
@@ -36,7 +35,7 @@ from funcbo.estimator import (
     trainable,
 )
 from funcbo.inner import InnerSolver, frozen
-from funcbo.problem import Batch, BilevelProblem, check_finite_tensors
+from funcbo.problem import Batch, BilevelProblem
 
 
 def _losses(
@@ -232,7 +231,7 @@ class ValuePenalty(HypergradientEstimator):
         g_hat = torch.autograd.grad(l_hat, omega, allow_unused=True)
         out = finish_outer_grads(outer, add_grads(list(g_main), list(g_hat), scale=-self.penalty))
         if self.joint:
-            self._theta_step(theta, g_theta)
+            self.inner.step_with(g_theta)
         stats = PenaltyStats(
             inner_loss=float(l_in.detach()),
             outer_loss=float(l_out.detach()),
@@ -242,20 +241,6 @@ class ValuePenalty(HypergradientEstimator):
         )
         self.diagnostics = mean_over_ranks(stats)
         return out
-
-    def _theta_step(self, theta: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
-        """The joint θ-step: one inner-optimizer step with these gradients."""
-        full = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, grads, strict=True)]
-        all_reduce_mean_(full)
-        for p, g in zip(theta, full, strict=True):
-            p.grad = g
-        self.inner.optimizer.step()
-        self.inner.optimizer.zero_grad(set_to_none=True)
-        check_finite_tensors(
-            theta,
-            "the inner model's weights after the joint θ-step",
-            "the inner problem diverged: lower the inner learning rate",
-        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "value": self.value.state_dict()}
