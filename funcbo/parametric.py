@@ -174,43 +174,161 @@ class AID(ImplicitEstimator):
         self._v = tuple(state["v"]) if state.get("v") is not None else None
 
 
-class ITD(HypergradientEstimator):
-    """Iterative differentiation: back-propagate through unrolled inner gradient steps.
+def _safe_sqrt(v: Tensor) -> Tensor:
+    """√v whose derivative at v = 0 is 0 instead of ∞ (an unused weight's second moment stays 0;
+    ∞·0 would make the unrolled graph NaN). The value is √v exactly."""
+    pos = v > 0
+    return torch.where(pos, torch.where(pos, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
-    Runs ``unroll`` steps of (heavy-ball) gradient descent θ ← θ − lr·b, b ← μ·b + ∇_θ L_in on the
-    inner model with ``torch.func.functional_call``, keeping the autograd graph of the last
-    ``truncate`` steps (all of them by default), and returns ∂_ω L_out(ω, θ_unroll) through that
-    graph. The final θ is written back to the inner model (a warm start for the next step).
+
+def unrolled_adam_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    lr: float | Tensor,
+    betas: tuple[float, float],
+    eps: float | Tensor,
+    weight_decay: float | Tensor,
+    bias_correction1: float | Tensor,
+    bias_correction2_sqrt: float | Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of ``torch.optim.Adam`` (coupled weight decay, no amsgrad), out of place so that
+    autograd can differentiate through it: the same operations as torch's single-tensor Adam.
+
+    ``lr``, ``eps``, ``weight_decay`` and the bias corrections (1 − β₁ᵗ, √(1 − β₂ᵗ) at the step
+    count t after this step) may be tensors that broadcast against ``param`` (one value per run
+    of a stacked batch). Returns the new parameter, first and second moments.
+    """
+    b1, b2 = betas
+    if not (isinstance(weight_decay, float | int) and weight_decay == 0):
+        grad = grad + weight_decay * param
+    exp_avg = torch.lerp(exp_avg, grad, 1.0 - b1)
+    exp_avg_sq = exp_avg_sq * b2 + (1.0 - b2) * grad * grad
+    denom = _safe_sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    return param - (lr / bias_correction1) * exp_avg / denom, exp_avg, exp_avg_sq
+
+
+#: the inner optimizers ITD can unroll
+ITD_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam)
+
+
+class ITD(HypergradientEstimator):
+    """Iterative differentiation: back-propagate through unrolled inner optimizer steps.
+
+    Runs ``unroll`` inner steps on the inner model with ``torch.func.functional_call``, keeping the
+    autograd graph of the last ``truncate`` steps (all of them by default), and returns
+    ∂_ω L_out(ω, θ_unroll) through that graph. The final θ is written back to the inner model (a
+    warm start for the next step).
+
+    The steps are those of
+
+    * heavy-ball gradient descent θ ← θ − lr·b, b ← μ·b + ∇_θ L_in (``lr``, ``momentum``), or
+    * an ``optimizer`` over the inner model's trainable parameters: ``torch.optim.SGD``
+      (momentum, weight decay; no dampening or Nesterov) or ``torch.optim.Adam`` (coupled weight
+      decay, bias correction; no amsgrad), taken out of place so that autograd differentiates
+      through them (Adam's moments included), with its hyperparameters and state. The state
+      (momentum buffer; Adam's moments and step count) lives in the optimizer's ``state`` in
+      torch's format and carries over from one outer step to the next, as a
+      ``torch.optim`` optimizer's would; what the first differentiated step starts from is a
+      constant.
 
     Args:
         inner_model: the network h_θ.
-        lr: inner step size.
+        lr: inner step size of the gradient-descent steps (with ``optimizer``: leave it None).
         unroll: number of inner steps per outer iteration.
         truncate: differentiate through only the last ``truncate`` steps (None = all).
-        momentum: heavy-ball momentum μ.
+        momentum: heavy-ball momentum μ of the gradient-descent steps.
+        optimizer: unroll this optimizer's steps instead (see above).
     """
 
     def __init__(
         self,
         inner_model: nn.Module,
-        lr: float,
+        lr: float | None = None,
         unroll: int = 10,
         *,
         truncate: int | None = None,
         momentum: float = 0.0,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if unroll < 1:
             raise ValueError(f"ITD needs unroll ≥ 1, got {unroll}")
         if truncate is not None and not 1 <= truncate <= unroll:
             raise ValueError(f"ITD truncate must be in [1, unroll={unroll}], got {truncate}")
+        if optimizer is None:
+            if lr is None:
+                raise ValueError("ITD needs a step size lr or an optimizer to unroll")
+            optimizer = torch.optim.SGD(
+                [p for p in inner_model.parameters() if p.requires_grad],
+                lr=lr,
+                momentum=momentum,
+            )
+        elif lr is not None or momentum:
+            raise ValueError(
+                "ITD takes its step size and momentum from the optimizer it unrolls: leave lr "
+                "and momentum unset"
+            )
+        _check_unrollable(optimizer, inner_model)
         self.inner_model = inner_model
-        self.lr = lr
+        self.optimizer = optimizer
+        group = optimizer.param_groups[0]
+        self.lr = float(group["lr"])
+        self.momentum = float(group.get("momentum", 0.0))
         self.unroll = unroll
         self.truncate = unroll if truncate is None else truncate
-        self.momentum = momentum
         self.inner_steps = unroll
-        self._buf: dict[str, Tensor] | None = None
         self.diagnostics: StepStats | Diagnostics | None = None
+
+    @property
+    def adam(self) -> bool:
+        """Whether the unrolled steps are Adam's."""
+        return isinstance(self.optimizer, torch.optim.Adam)
+
+    def _update(
+        self,
+        names: list[str],
+        theta: dict[str, Tensor],
+        grads: Sequence[Tensor],
+        state: dict[str, dict[str, Tensor]],
+    ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        group = self.optimizer.param_groups[0]
+        wd = float(group["weight_decay"])
+        new_theta: dict[str, Tensor] = {}
+        new_state: dict[str, dict[str, Tensor]] = {}
+        for n, g in zip(names, grads, strict=True):
+            t, st = theta[n], state.get(n, {})
+            if self.adam:
+                b1, b2 = group["betas"]
+                step = (float(st["step"]) if st else 0.0) + 1.0
+                t, m, v = unrolled_adam_step(
+                    t,
+                    g,
+                    st["exp_avg"] if st else torch.zeros_like(t),
+                    st["exp_avg_sq"] if st else torch.zeros_like(t),
+                    lr=float(group["lr"]),
+                    betas=(b1, b2),
+                    eps=float(group["eps"]),
+                    weight_decay=wd,
+                    bias_correction1=1.0 - b1**step,
+                    bias_correction2_sqrt=(1.0 - b2**step) ** 0.5,
+                )
+                new_state[n] = {
+                    "step": torch.tensor(step, dtype=_step_dtype()),
+                    "exp_avg": m,
+                    "exp_avg_sq": v,
+                }
+            else:
+                d = g + wd * t if wd else g
+                mu = float(group["momentum"])
+                if mu:
+                    buf = st.get("momentum_buffer")
+                    d = d if buf is None else mu * buf + d
+                    new_state[n] = {"momentum_buffer": d}
+                t = t - float(group["lr"]) * d
+            new_theta[n] = t
+        return new_theta, new_state
 
     def step(
         self,
@@ -222,14 +340,14 @@ class ITD(HypergradientEstimator):
         batches = as_batch_list(inner_batches)
         model = self.inner_model
         omega = trainable(outer)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        theta = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        buf = (
-            self._buf
-            if self._buf is not None
-            else {n: torch.zeros_like(t) for n, t in theta.items()}
-        )
-        buf = {n: t.detach() for n, t in buf.items()}
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        names = [n for n, _ in named]
+        theta = {n: p.detach() for n, p in named}
+        state = {
+            n: {k: v.detach() for k, v in self.optimizer.state[p].items()}
+            for n, p in named
+            if self.optimizer.state.get(p)
+        }
         first_diff = self.unroll - self.truncate
         inner_loss = float("nan")
         for k in range(self.unroll):
@@ -237,7 +355,7 @@ class ITD(HypergradientEstimator):
             diff = k >= first_diff
             if not diff or k == first_diff:
                 theta = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
-                buf = {n: t.detach() for n, t in buf.items()}
+                state = {n: {k2: v.detach() for k2, v in st.items()} for n, st in state.items()}
             x = problem.input(batch, "inner")
             if diff:
                 pred = check_pred(functional_call(model, theta, (x,)), "inner model output")
@@ -248,12 +366,7 @@ class ITD(HypergradientEstimator):
                     loss = problem.eval_inner(outer, pred, batch).mean()
             local = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=diff)
             g = [differentiable_all_reduce_mean(t) for t in local]
-            new_theta, new_buf = {}, {}
-            for n, gn in zip(names, g, strict=True):
-                b = self.momentum * buf[n] + gn if self.momentum else gn
-                new_buf[n] = b
-                new_theta[n] = theta[n] - self.lr * b
-            theta, buf = new_theta, new_buf
+            theta, state = self._update(names, theta, g, state)
             inner_loss = float(loss.detach())
         check_finite_tensors(
             theta.values(),
@@ -267,10 +380,10 @@ class ITD(HypergradientEstimator):
             torch.autograd.grad(l_out, omega, allow_unused=True) if omega else []
         )
         with torch.no_grad():
-            params = dict(model.named_parameters())
-            for n in names:
-                params[n].copy_(theta[n])
-        self._buf = {n: t.detach() for n, t in buf.items()} if self.momentum else None
+            for n, p in named:
+                p.copy_(theta[n])
+                if n in state:
+                    self.optimizer.state[p] = {k: v.detach() for k, v in state[n].items()}
         out = finish_outer_grads(outer, list(grads))
         stats = StepStats(
             inner_loss=inner_loss, outer_loss=float(l_out.detach()), grad_norm=grad_norm(out)
@@ -279,11 +392,51 @@ class ITD(HypergradientEstimator):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.inner_model.state_dict(), "buf": self._buf}
+        return {"model": self.inner_model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner_model.load_state_dict(state["model"])
-        self._buf = state.get("buf")
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif state.get("buf"):  # the former format: the heavy-ball buffers by parameter name
+            params = dict(self.inner_model.named_parameters())
+            for n, b in state["buf"].items():
+                self.optimizer.state[params[n]] = {"momentum_buffer": b}
 
 
-__all__ = ["AID", "ITD", "AIDStats"]
+def _step_dtype() -> torch.dtype:
+    # torch.optim.Adam's step counter: float64 under a float64 default dtype, else float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _check_unrollable(optimizer: torch.optim.Optimizer, inner_model: nn.Module) -> None:
+    """ITD's optimizer: SGD or Adam without the options it does not unroll, one parameter group
+    holding exactly the inner model's trainable parameters."""
+    if type(optimizer) not in ITD_OPTIMIZERS:
+        raise ValueError(
+            f"ITD unrolls torch.optim.SGD or torch.optim.Adam steps, not {type(optimizer).__name__}"
+        )
+    if len(optimizer.param_groups) != 1:
+        raise ValueError("ITD's optimizer must have a single parameter group")
+    g = optimizer.param_groups[0]
+    bad = [
+        k
+        for k, off in (
+            ("amsgrad", False),
+            ("maximize", False),
+            ("nesterov", False),
+            ("dampening", 0),
+        )
+        if k in g and g[k] != off
+    ]
+    if bad:
+        raise ValueError(f"ITD does not unroll the optimizer option(s) {', '.join(bad)}")
+    if isinstance(g["lr"], Tensor):
+        raise ValueError("ITD needs a float learning rate")
+    mine = {id(p) for p in g["params"]}
+    theirs = {id(p) for p in inner_model.parameters() if p.requires_grad}
+    if mine != theirs:
+        raise ValueError("ITD's optimizer must hold exactly the inner model's trainable parameters")
+
+
+__all__ = ["AID", "ITD", "ITD_OPTIMIZERS", "AIDStats", "unrolled_adam_step"]

@@ -147,3 +147,174 @@ def test_aid_on_overparameterised_network():
     est = funcbo.AID(inner, opt, 1, solver=funcbo.CG(maxiter=200, tol=1e-12, damping=1e-8))
     g = est.step(iv.problem, outer, iv.inner_batch, iv.outer_batch)
     assert rel_err(g, iv.exact_grad(outer)) <= 1e-3
+
+
+# ----------------------------------------------------------------- ITD unrolling an optimizer
+def _adam_reference_loss(lq, outer_weight, inner, opt_state, steps):
+    """L_out after ``steps`` torch.optim.Adam steps of a copy of ``inner`` (from ``opt_state``)
+    on the inner loss at Ω = ``outer_weight``: the function ITD(adam) differentiates."""
+    import copy
+
+    outer = lq.make_outer()
+    model = copy.deepcopy(inner)
+    with torch.no_grad():
+        outer.weight.copy_(outer_weight)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.01)
+    opt.load_state_dict(copy.deepcopy(opt_state))
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = lq.problem.eval_inner(outer, model(lq.inner_batch["x"]), lq.inner_batch).mean()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = model(lq.outer_batch["x"])
+        return float(lq.problem.eval_outer(outer, pred, lq.outer_batch).mean()), model, opt
+
+
+def _itd_adam(seed=2):
+    lq, outer, inner = _lq(seed=seed, at_solution=False)
+    opt = torch.optim.Adam(inner.parameters(), lr=0.05, weight_decay=0.01)
+    return lq, outer, inner, funcbo.ITD(inner, unroll=5, optimizer=opt), opt
+
+
+def test_itd_adam_steps_are_torch_adam_steps_and_keep_its_state():
+    # Two outer iterations of ITD(adam): the inner weights and Adam's state (moments, step
+    # count 10) are those of torch.optim.Adam taking the same 10 steps.
+    import copy
+
+    lq, outer, inner, est, opt = _itd_adam()
+    twin = copy.deepcopy(inner)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.05, weight_decay=0.01)
+    for _ in range(2):
+        est.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    for _ in range(10):
+        twin_opt.zero_grad()
+        lq.problem.eval_inner(outer, twin(lq.inner_batch["x"]), lq.inner_batch).mean().backward()
+        twin_opt.step()
+    for p, q in zip(inner.parameters(), twin.parameters(), strict=True):
+        assert (p - q).abs().max() <= 1e-12
+        st, tst = opt.state[p], twin_opt.state[q]
+        assert float(st["step"]) == float(tst["step"]) == 10
+        assert (st["exp_avg"] - tst["exp_avg"]).abs().max() <= 1e-12
+        assert (st["exp_avg_sq"] - tst["exp_avg_sq"]).abs().max() <= 1e-14
+
+
+@pytest.mark.parametrize("truncate", [None, 2])
+def test_itd_adam_hypergradient_matches_finite_differences(truncate):
+    # After one outer iteration (Adam's state is not zero), the hypergradient of 5 unrolled Adam
+    # steps (the last `truncate` differentiated, the first ones constants) against central
+    # differences of L_out(Ω, θ_5(Ω)) computed with torch.optim.Adam.
+    import copy
+
+    lq, outer, inner, est, opt = _itd_adam()
+    est.truncate = 5 if truncate is None else truncate
+    est.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    W = outer.weight.detach().clone()
+    state0, inner0 = copy.deepcopy(opt.state_dict()), copy.deepcopy(inner)
+    (g,) = est.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    fixed = 5 - est.truncate  # steps taken at the unperturbed Ω
+    _, start, start_opt = _adam_reference_loss(lq, W, inner0, state0, fixed)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        d = torch.randn(W.shape, generator=gen, dtype=W.dtype)
+        eps = 1e-6
+        fp, _, _ = _adam_reference_loss(
+            lq, W + eps * d, start, start_opt.state_dict(), est.truncate
+        )
+        fm, _, _ = _adam_reference_loss(
+            lq, W - eps * d, start, start_opt.state_dict(), est.truncate
+        )
+        fd = (fp - fm) / (2 * eps)
+        assert abs(float((g * d).sum()) - fd) <= 1e-6 * max(1.0, abs(fd))
+
+
+def test_itd_adam_differentiates_through_its_moments(monkeypatch):
+    # The finite-difference test above holds with the unrolled graph going through Adam's
+    # moments; treating them as constants, or unrolling gradient descent, gives other gradients.
+    import copy
+
+    import funcbo.parametric as par
+
+    lq, outer, inner, est, opt = _itd_adam()
+    est.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    st, inner0 = copy.deepcopy(opt.state_dict()), copy.deepcopy(inner)
+    (g,) = est.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+
+    inner1 = copy.deepcopy(inner0)
+    opt1 = torch.optim.Adam(inner1.parameters(), lr=0.05, weight_decay=0.01)
+    opt1.load_state_dict(copy.deepcopy(st))
+    real = par.unrolled_adam_step
+
+    def constant_moments(param, grad, exp_avg, exp_avg_sq, **kw):
+        return real(param, grad, exp_avg.detach(), exp_avg_sq.detach(), **kw)
+
+    monkeypatch.setattr(par, "unrolled_adam_step", constant_moments)
+    (g_const,) = par.ITD(inner1, unroll=5, optimizer=opt1).step(
+        lq.problem, outer, lq.inner_batch, lq.outer_batch
+    )
+    monkeypatch.undo()
+    assert rel_err(g_const, g) > 1e-2
+    (g_gd,) = funcbo.ITD(copy.deepcopy(inner0), lr=0.05, unroll=5).step(
+        lq.problem, outer, lq.inner_batch, lq.outer_batch
+    )
+    assert rel_err(g_gd, g) > 1e-2
+
+
+def test_itd_sgd_optimizer_equals_lr_and_momentum():
+    # ITD(optimizer=SGD(lr, momentum)) is ITD(lr, momentum); with weight decay it is SGD's step.
+    import copy
+
+    lq, outer, inner = _lq(seed=2, at_solution=False)
+    inner2 = copy.deepcopy(inner)
+    a = funcbo.ITD(inner, lr=0.1, unroll=4, momentum=0.5)
+    b = funcbo.ITD(
+        inner2, unroll=4, optimizer=torch.optim.SGD(inner2.parameters(), lr=0.1, momentum=0.5)
+    )
+    for _ in range(2):
+        (ga,) = a.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+        (gb,) = b.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+        assert (ga - gb).abs().max() <= 1e-14
+    twin = copy.deepcopy(inner)
+    inner3 = copy.deepcopy(inner)
+    c = funcbo.ITD(
+        inner3,
+        unroll=3,
+        optimizer=torch.optim.SGD(inner3.parameters(), lr=0.1, momentum=0.5, weight_decay=0.2),
+    )
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.5, weight_decay=0.2)
+    c.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    for _ in range(3):
+        twin_opt.zero_grad()
+        lq.problem.eval_inner(outer, twin(lq.inner_batch["x"]), lq.inner_batch).mean().backward()
+        twin_opt.step()
+    for p, q in zip(inner3.parameters(), twin.parameters(), strict=True):
+        assert (p - q).abs().max() <= 1e-13
+
+
+def test_itd_adam_checkpoint_resumes_exactly():
+    import copy
+
+    lq, outer, _, est, _ = _itd_adam()
+    est.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    saved = copy.deepcopy(est.state_dict())
+    (g1,) = est.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    *_, est2, _ = _itd_adam()
+    est2.load_state_dict(saved)
+    (g2,) = est2.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    assert torch.equal(g1, g2)
+
+
+def test_itd_optimizer_errors():
+    _, _, inner = _lq()
+    with pytest.raises(ValueError, match="SGD or torch.optim.Adam"):
+        funcbo.ITD(inner, unroll=3, optimizer=torch.optim.AdamW(inner.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="amsgrad"):
+        funcbo.ITD(
+            inner, unroll=3, optimizer=torch.optim.Adam(inner.parameters(), lr=0.1, amsgrad=True)
+        )
+    with pytest.raises(ValueError, match="leave lr"):
+        funcbo.ITD(inner, 0.1, unroll=3, optimizer=torch.optim.Adam(inner.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="lr or an optimizer"):
+        funcbo.ITD(inner, unroll=3)
+    with pytest.raises(ValueError, match="trainable parameters"):
+        funcbo.ITD(inner, unroll=3, optimizer=torch.optim.Adam([inner.weight], lr=0.1))

@@ -408,15 +408,20 @@ class AIDMethod(EstimatorMethod):
 @register_method("itd")
 @dataclass
 class ITDMethod(EstimatorMethod):
-    """ITD (:class:`funcbo.ITD`): ``unroll`` gradient steps of learning rate ``inner_lr``, the
-    last ``truncate`` of them differentiated (None: all)."""
+    """ITD (:class:`funcbo.ITD`): ``unroll`` steps of the inner optimizer (``inner_optimizer``:
+    ``adam``, ``sgd`` or ``sgd_momentum``, with ``inner_lr`` and ``inner_weight_decay``; ``adamw``
+    is refused), differentiated through the last ``truncate`` of them (None: all)."""
 
     unroll: int = 10
     truncate: int | None = None
 
     def _build(self, context: BuildContext) -> HypergradientEstimator:
+        params = [p for p in context.inner_model.parameters() if p.requires_grad]
         return ITD(
-            context.inner_model, lr=self.inner_lr, unroll=self.unroll, truncate=self.truncate
+            context.inner_model,
+            unroll=self.unroll,
+            truncate=self.truncate,
+            optimizer=self.inner_optimizer_for(params),
         )
 
 

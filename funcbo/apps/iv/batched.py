@@ -26,9 +26,9 @@ Batched methods (:data:`BATCHED_KINDS`), on designs without covariates (dSprites
   parameter-space solve with a warm start, by the method's CG (the paper's textbook CG,
   ``safeguards=False``, or with its safeguards and damping; per-run inner products, step sizes,
   stopping and safeguards: :func:`funcbo.linalg.batched_cg`), Neumann or Identity;
-* ``itd`` (feature formulation): :class:`funcbo.ITD`'s unrolled gradient steps on the stacked
-  feature network's tensors (``params=``, as ``functional_call``), the graph kept through the
-  last ``truncate`` steps, without momentum;
+* ``itd`` (feature formulation): :class:`funcbo.ITD`'s unrolled Adam steps on the stacked
+  feature network's tensors (``params=``, as ``functional_call``; each run's moments and step
+  count), the graph kept through the last ``truncate`` steps;
 * ``gradient_penalty`` and ``value_penalty`` (feature formulation): the θ-steps on the
   penalised objectives (a Hessian product per step for the gradient penalty; the value
   network's own steps for the value penalty), then the outer gradient of

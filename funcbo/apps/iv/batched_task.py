@@ -52,6 +52,7 @@ from funcbo.apps.iv.config import (
 from funcbo.apps.iv.task import IVTask
 from funcbo.experiments.task import BatchTask, RunSpec
 from funcbo.linalg import CG, Identity, Neumann
+from funcbo.parametric import unrolled_adam_step
 
 
 def unbatched_reason(spec: RunSpec) -> str | None:
@@ -170,10 +171,7 @@ class IVBatchTask(BatchTask):
             if isinstance(self.method, IVITD):
                 itd = ests[0]
                 self.inner_steps = int(itd.unroll)  # type: ignore[union-attr]
-                self.itd_lr = float(itd.lr)  # type: ignore[union-attr]
                 self.itd_truncate = int(itd.truncate)  # type: ignore[union-attr]
-                if itd.momentum:  # type: ignore[union-attr]
-                    raise ValueError("batched ITD runs without momentum only")
             else:
                 self.inner_steps = int(inner[0].steps)  # type: ignore[union-attr]
             self.is_aid = isinstance(self.method, IVAID)
@@ -217,15 +215,15 @@ class IVBatchTask(BatchTask):
                 self.adjoint_ridge = float(adj.ridge)
                 self.adjoint_relative = bool(adj.relative)
                 self.solve_dtype = adj.solve_dtype
-            self.phi_opt = (
-                None
-                if self.is_itd
-                else StackedAdam(
-                    self.phi.params,
-                    [s.optimizer for s in inner],  # type: ignore[union-attr]
-                    [self.phi.origin(r) for r in range(R)],
-                    self.phi.transposed,
-                )
+            self.phi_opt = StackedAdam(
+                self.phi.params,
+                # ITD's state: the Adam optimizer whose steps it unrolls
+                [
+                    e.optimizer if self.is_itd else s.optimizer  # type: ignore[union-attr]
+                    for e, s in zip(ests, inner, strict=True)
+                ],
+                [self.phi.origin(r) for r in range(R)],
+                self.phi.transposed,
             )
             self.psi_opt = StackedAdam(
                 self.psi.params,
@@ -612,22 +610,51 @@ class IVBatchTask(BatchTask):
     def _itd_step(
         self, batches: list[dict[str, Tensor]], outer_batch: dict[str, Tensor]
     ) -> dict[str, Any]:
-        """:meth:`funcbo.ITD.step` (no momentum) in the feature formulation, run by run."""
-        phi, lam1 = self.phi, self.lam1
+        """:meth:`funcbo.ITD.step` unrolling Adam, in the feature formulation, run by run: each
+        run's own learning rate, weight decay, ε, moments and step count (its Adam's, held by
+        :attr:`phi_opt`)."""
+        phi, lam1, opt = self.phi, self.lam1, self.phi_opt
+        assert opt is not None
         fixed = self._fixed_target()
         theta = [p.detach() for p in phi.params]
+        m, v = list(opt.exp_avg), list(opt.exp_avg_sq)
+        steps = opt.step_count.clone()
+        b1, b2 = opt.betas
         first_diff = self.inner_steps - self.itd_truncate
         inner_loss = torch.full((self.runs,), float("nan"), dtype=torch.float64)
+
+        def col(t: Tensor, p: Tensor) -> Tensor:
+            return t.to(device=p.device, dtype=p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
+
         for k in range(self.inner_steps):
             b = batches[k % len(batches)]
             diff = k >= first_diff
             if not diff or k == first_diff:
                 theta = [t.detach().requires_grad_(True) for t in theta]
+                m, v = [t.detach() for t in m], [t.detach() for t in v]
             pred = phi(b["z"], training=True, params=theta)
             T = self._live_target(b["t"]) if diff else fixed(b["t"])
             loss = ridge_objective(pred, T, ridge_fit(pred, T, lam1), lam1)
             g = torch.autograd.grad(loss.sum(), theta, create_graph=diff)
-            theta = [t - self.itd_lr * gk for t, gk in zip(theta, g, strict=True)]
+            steps = steps + 1
+            bc1, bc2_sqrt = 1.0 - b1**steps, (1.0 - b2**steps).sqrt()
+            new = [
+                unrolled_adam_step(
+                    t,
+                    gk,
+                    mk,
+                    vk,
+                    lr=col(opt.lr, t),
+                    betas=(b1, b2),
+                    eps=col(opt.eps, t),
+                    weight_decay=col(opt.weight_decay, t),
+                    bias_correction1=col(bc1, t),
+                    bias_correction2_sqrt=col(bc2_sqrt, t),
+                )
+                for t, gk, mk, vk in zip(theta, g, m, v, strict=True)
+            ]
+            theta = [n[0] for n in new]
+            m, v = [n[1] for n in new], [n[2] for n in new]
             inner_loss = loss.detach().double()
         b1 = batches[-1]
         n = b1["t"].shape[1]
@@ -640,6 +667,9 @@ class IVBatchTask(BatchTask):
         with torch.no_grad():
             for p, t in zip(phi.params, theta, strict=True):
                 p.copy_(t)
+            for dst, src in zip(opt.exp_avg + opt.exp_avg_sq, m + v, strict=True):
+                dst.copy_(src)
+            opt.step_count.copy_(steps)
         gnorm = grad_norms(grads)
         self.psi_opt.step(grads)
         return {

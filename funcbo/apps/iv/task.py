@@ -49,6 +49,7 @@ from funcbo.estimator import Batches, HypergradientEstimator
 from funcbo.experiments.methods import make_optimizer
 from funcbo.experiments.task import RunSpec, Task
 from funcbo.inner import frozen
+from funcbo.parametric import ITD
 from funcbo.trainer import Trainer
 
 
@@ -154,12 +155,14 @@ class IVTask(Task):
             else:
                 assert isinstance(mc, IVLibraryMethod)
                 self.estimator = mc.build(context)
-                # The estimator's own optimizers: inner steps (and a value penalty's value
-                # network) descend stage-1 losses.
+                # The estimator's own optimizers: inner steps (a value penalty's value network,
+                # ITD's unrolled steps) descend stage-1 losses.
                 for solver in (getattr(self.estimator, n, None) for n in ("inner", "value")):
                     opt = getattr(solver, "optimizer", None)
                     if opt is not None:
                         self._to_mean_scale(opt, n_in)
+                if isinstance(self.estimator, ITD):  # the optimizer it unrolls
+                    self._to_mean_scale(self.estimator.optimizer, n_in)
                 covariate = self.outer.covariate
                 omega = list(self.outer.parameters())
                 if covariate is not None and mc.covariate_steps > 0:
