@@ -61,6 +61,7 @@ CASES = [
     ("aid", {"solver": CG(maxiter=2)}),  # CG(2) with its safeguards, from the warm start
     ("aid", {"solver": Neumann(iters=3, lr=0.005)}),  # a contracting series (lr < 2/λ_max)
     ("itd", {"unroll": 4, "truncate": 2}),
+    ("itd", {"unroll": 3, "truncate": 1, "stage1_ridge": 0.05}),  # a method's own λ₁
     ("gradient_penalty", {}),
     ("value_penalty", {}),
     ("value_penalty", {"joint": True, "value_steps": 2}),  # the authors': θ's last step with ω's
@@ -111,6 +112,7 @@ CASE_IDS = [
     "aid_cg_safeguards",
     "aid_neumann",
     "itd",
+    "itd_own_ridge",
     "gradient_penalty",
     "value_penalty",
     "value_penalty_joint",

@@ -216,7 +216,9 @@ def _train_feature_baseline(kind: str, outer_lr: float) -> tuple[list[float], li
     return losses, norms
 
 
-@pytest.mark.parametrize("kind", ["funcid_linear", "aid", "gradient_penalty", "value_penalty"])
+@pytest.mark.parametrize(
+    "kind", ["funcid_linear", "aid", "itd", "gradient_penalty", "value_penalty"]
+)
 def test_every_optimizer_is_converted_to_the_mean_scale(kind: str, tiny) -> None:  # type: ignore[no-untyped-def]
     cfg, data = tiny
     task = task_for(kind, cfg, data)
@@ -225,6 +227,7 @@ def test_every_optimizer_is_converted_to_the_mean_scale(kind: str, tiny) -> None
     opts = [
         task.outer_optimizer,
         *(getattr(est, s).optimizer for s in ("inner", "value") if hasattr(est, s)),
+        *([est.optimizer] if kind == "itd" else []),  # type: ignore[union-attr]
     ]
     wds = [paper_method(kind).outer_weight_decay] + [paper_method(kind).inner_weight_decay] * (
         len(opts) - 1
@@ -242,3 +245,29 @@ def test_feature_baselines_reduce_the_outer_loss(kind: str) -> None:
     assert all(math.isfinite(v) and v > 1e-3 for v in norms)
     assert losses[-1] < 0.97 * losses[0]
     assert losses[-1] < 0.97 * frozen[-1]
+
+
+def test_a_methods_own_stage1_ridge_is_its_loss_and_its_score(tiny) -> None:  # type: ignore[no-untyped-def]
+    # The authors' AID and ITD use λ₁ = 0.05 (their 0.5·lam_V·n): a method's stage1_ridge
+    # replaces the problem's in its inner and outer losses and in the refit that scores it.
+    from funcbo.apps.iv.evaluate import out_of_sample_mse
+
+    cfg, data = tiny
+    own = task_for("aid", cfg, data, stage1_ridge=0.05)
+    base = task_for("aid", cfg, data)
+    assert own.stage1_ridge == 0.05 and base.stage1_ridge == cfg.stage1_ridge == 0.1
+    assert isinstance(own.problem, IVFeatureProblem) and own.problem.stage1_ridge == 0.05
+    s1 = own.tensors.stage1
+    with eval_mode(own.outer, own.inner.features):
+        psi1, phi1 = own.outer(s1["t"]), own.inner.features(s1["z"])
+        inner = own.problem.eval_inner(own.outer, phi1, s1).mean()
+    ref = ref_stage1_loss(psi1, phi1, 0.05) / s1["t"].shape[0]
+    assert inner.item() == pytest.approx(ref.item(), rel=1e-10)
+    score = own.evaluate()["test_mse"]
+    args = (own.outer.treatment, own.inner.features, own.tensors)
+    assert score == pytest.approx(out_of_sample_mse(*args, 0.05, cfg.stage2_ridge, None), rel=1e-12)
+    assert score != pytest.approx(out_of_sample_mse(*args, 0.1, cfg.stage2_ridge, None), rel=1e-6)
+    with pytest.raises(ValueError, match="formulation: features"):
+        paper_method("aid", formulation="functional", stage1_ridge=0.05)
+    with pytest.raises(ValueError, match="stage1_ridge must be > 0"):
+        paper_method("itd", stage1_ridge=0.0)

@@ -146,7 +146,7 @@ class IVBatchTask(BatchTask):
             t.tensors.stage2 = {k: v[r] for k, v in self.stage2.items()}
         self.psi = StackedNet([t.outer.treatment for t in self.tasks])
         self.phi = StackedNet([t.inner.features for t in self.tasks])
-        self.lam1, self.lam2 = self.config.stage1_ridge, self.config.stage2_ridge
+        self.lam1, self.lam2 = t0.stage1_ridge, self.config.stage2_ridge
         if self.is_dfiv:
             dfivs = [t.dfiv for t in self.tasks]
             assert all(d is not None for d in dfivs)

@@ -38,14 +38,15 @@ AID                  inner variable: the feature network,   ``formulation: featu
                      1e-3 wd 1e-3; outer loss = fit_2sls    1e-3 wd 1e-3/2500; textbook CG(2) from
                      stage-2 loss (sum); CG 2 iterations    the warm-started dual
                      from the previous dual, last iterate   (``cg_safeguards: false``); outer lr
-                     returned; outer lr 1e-3 wd 0.1         1e-3 wd 0.1/2500
+                     returned; outer lr 1e-3 wd 0.1; λ₁     1e-3 wd 0.1/2500; ``stage1_ridge:
+                     0.5·0.1·n                              0.05``
 ITD                  feature formulation; 18 warm-start +   feature formulation; 20 Adam steps lr
                      2 unrolled torchopt Adam steps lr      1e-3 wd 0.01/2500, the last 2
                      1e-3 wd 0.01 (``DiffOpt``: the         differentiated through Adam's update
                      optimizer state carries over between   (moments included), its state carried
-                     outer steps); outer lr 1e-2 wd 0.1     over (:class:`funcbo.ITD` with an
-                                                            Adam ``optimizer``); outer lr 1e-2
-                                                            wd 0.1/2500
+                     outer steps); outer lr 1e-2 wd 0.1;    over (:class:`funcbo.ITD` with an
+                     λ₁ 0.5·0.1·n                           Adam ``optimizer``); outer lr 1e-2
+                                                            wd 0.1/2500; ``stage1_ridge: 0.05``
 Gradient penalty     joint Adam on (ψ, φ), loss =           feature formulation; θ-steps on
                      stage-2 loss + γ‖∇_φ stage-1 loss‖     L_out/γ + ½‖∇_θ L_in‖², outer gradient
                      (sums, norm not squared), γ = 0.1      of L_out + γ·½‖∇_θ L_in‖² (means,
@@ -60,9 +61,11 @@ Value penalty        ``PenaltyBasedMinMax`` (no main.py):   feature formulation;
                      lr 1e-3 wd 0.1 (all), 100 epochs
 ===================  ====================================  =====================================
 
-Known differences kept: the stage-1 ridge is λ₁ = 0.1 per sample for every method (the authors'
-parametric baselines use 0.05 and their penalty method 0.2); the penalty's norm is squared. Runs
-use float32 (the authors' float64).
+The stage-1 ridge: the authors' DFIV, FuncID and value-penalty code use λ₁ = 0.1 per sample
+(``lam1·n``), their AID and ITD (``parametricBO``) 0.05 (``0.5·lam_V·n``) in training and in the
+refit that scores them; funcbo's AID and ITD set ``stage1_ridge: 0.05`` (the method's own λ₁, in
+their losses and their score), every other method the problem's 0.1. Known differences kept: the
+gradient penalty's norm is squared; runs use float32 (the authors' float64).
 
 The authors' gradient penalty as coded (``PenaltyBased/trainer.py``) has no penalty gradient: it
 takes the stage-1 gradient norm from ``p.grad`` after a plain ``backward()`` (no graph), so
@@ -401,15 +404,28 @@ class FeatureOption(IVLibraryMethod):
         and penalty baselines: the inner variable is φ with the stage-1 head in closed form,
         and the outer loss refits the stage-1 head on ψ_ω(t₁); see
         :class:`~funcbo.apps.iv.problem.IVFeatureProblem`).
+    stage1_ridge: this method's λ₁ (per-sample scale) in place of the problem's, for
+        ``formulation: features``: the inner loss, the outer loss's stage-1 refit and the
+        refit that scores the run (as the reference's trainers score each method with its own
+        λ₁; the FuncID authors' AID and ITD use 0.05). None: the problem's.
     """
 
     scope: ClassVar[str] = "iv"
     formulation: str = "functional"
+    stage1_ridge: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {self.formulation!r}")
+        if self.stage1_ridge is not None:
+            if not self.stage1_ridge > 0:
+                raise ValueError(f"stage1_ridge must be > 0 or null, got {self.stage1_ridge}")
+            if self.formulation != "features":
+                raise ValueError(
+                    "a method's own stage1_ridge is for formulation: features; set "
+                    "problem.stage1_ridge for the functional formulation"
+                )
         if self.formulation == "features" and isinstance(
             getattr(self, "inner_solver", None), RidgeHead
         ):
@@ -560,9 +576,10 @@ def _paper() -> dict[str, IVMethodConfig]:
         "aid": IVAID(
             formulation="features",
             solver=CG(maxiter=2, safeguards=False),
+            stage1_ridge=0.05,
             **aid_steps,
         ),
-        "itd": IVITD(formulation="features", unroll=20, truncate=2, **itd_steps),
+        "itd": IVITD(formulation="features", unroll=20, truncate=2, stage1_ridge=0.05, **itd_steps),
         "gradient_penalty": IVGradientPenalty(formulation="features", penalty=0.1, **common),
         "value_penalty": IVValuePenalty(
             formulation="features",

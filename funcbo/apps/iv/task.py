@@ -97,6 +97,9 @@ class IVTask(Task):
             assert isinstance(mc, IVLibraryMethod)
             head = mc.head or pc.head
         self.features_formulation = isinstance(mc, IVLibraryMethod) and mc.features_formulation
+        own = getattr(mc, "stage1_ridge", None)
+        #: λ₁ of this run: the method's own (feature formulation) or the problem's
+        self.stage1_ridge = float(pc.stage1_ridge if own is None else own)
         self.problem: IVProblem | IVFeatureProblem
         if self.features_formulation:
             if pc.dataset == "demand":
@@ -105,7 +108,7 @@ class IVTask(Task):
                     "formulation: functional for the demand design"
                 )
             self.problem = IVFeatureProblem(
-                stage1_ridge=pc.stage1_ridge, stage2_ridge=pc.stage2_ridge
+                stage1_ridge=self.stage1_ridge, stage2_ridge=pc.stage2_ridge
             )
         else:
             self.problem = IVProblem(head=head, outer_ridge=pc.stage2_ridge)
@@ -143,7 +146,7 @@ class IVTask(Task):
             context = IVBuildContext(
                 inner=self.inner,
                 outer=self.outer,
-                stage1_ridge=pc.stage1_ridge,
+                stage1_ridge=self.stage1_ridge,
                 stage2_ridge=pc.stage2_ridge,
                 optimizer=lambda name, params, lr, wd, stage: self._optimizer(
                     name, params, lr, wd, summed[stage]
@@ -302,13 +305,13 @@ class IVTask(Task):
         return self.trainer.step()
 
     def evaluate(self) -> dict[str, float]:
-        """``test_mse``: out-of-sample MSE after the closed-form 2SLS refit (see
-        :mod:`funcbo.apps.iv.evaluate`)."""
+        """``test_mse``: out-of-sample MSE after the closed-form 2SLS refit with this run's λ₁
+        (see :mod:`funcbo.apps.iv.evaluate`)."""
         mse = out_of_sample_mse(
             self.outer.treatment,
             self.inner.features,
             self.tensors,
-            self.config.stage1_ridge,
+            self.stage1_ridge,
             self.config.stage2_ridge,
             self.outer.covariate,
         )
