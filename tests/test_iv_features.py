@@ -81,12 +81,12 @@ def test_feature_problem_losses_are_the_reference_sums_over_n(tiny) -> None:  # 
     with eval_mode(outer, phi_net):  # no spectral-norm iterations between the two evaluations
         psi1 = outer(s1["t"])
         inner = problem.eval_inner(outer, phi_net(s1["z"]), s1).mean()
-        ref = ref_stage1_loss(psi1, phi_net(s1["z"]), cfg.stage1_ridge) / s1["t"].shape[0]
+        ref = ref_stage1_loss(psi1, phi_net(s1["z"]), task.stage1_ridge) / s1["t"].shape[0]
         assert inner.item() == pytest.approx(ref.item(), rel=1e-10)
         ob = feature_outer_batch(s1, s2)
         out = problem.eval_outer(outer, phi_net(ob["z"]), ob).mean()
         ref2 = ref_stage2_loss(
-            psi1, phi_net(s1["z"]), phi_net(s2["z"]), s2["y"], cfg.stage1_ridge, cfg.stage2_ridge
+            psi1, phi_net(s1["z"]), phi_net(s2["z"]), s2["y"], task.stage1_ridge, cfg.stage2_ridge
         )
         assert out.item() == pytest.approx(ref2.item() / s2["y"].shape[0], rel=1e-10)
     # The outer loss depends on ω directly (the stage-1 refit on ψ_ω(t₁)), not only through φ.
@@ -253,8 +253,8 @@ def test_a_methods_own_stage1_ridge_is_its_loss_and_its_score(tiny) -> None:  # 
     from funcbo.apps.iv.evaluate import out_of_sample_mse
 
     cfg, data = tiny
-    own = task_for("aid", cfg, data, stage1_ridge=0.05)
-    base = task_for("aid", cfg, data)
+    own = task_for("aid", cfg, data)  # the paper's AID: 0.05
+    base = task_for("aid", cfg, data, stage1_ridge=None)
     assert own.stage1_ridge == 0.05 and base.stage1_ridge == cfg.stage1_ridge == 0.1
     assert isinstance(own.problem, IVFeatureProblem) and own.problem.stage1_ridge == 0.05
     s1 = own.tensors.stage1
@@ -267,7 +267,7 @@ def test_a_methods_own_stage1_ridge_is_its_loss_and_its_score(tiny) -> None:  # 
     args = (own.outer.treatment, own.inner.features, own.tensors)
     assert score == pytest.approx(out_of_sample_mse(*args, 0.05, cfg.stage2_ridge, None), rel=1e-12)
     assert score != pytest.approx(out_of_sample_mse(*args, 0.1, cfg.stage2_ridge, None), rel=1e-6)
-    with pytest.raises(ValueError, match="formulation: features"):
-        paper_method("aid", formulation="functional", stage1_ridge=0.05)
+    functional = task_for("aid", cfg, data, formulation="functional")
+    assert functional.stage1_ridge == 0.05  # its score's refit
     with pytest.raises(ValueError, match="stage1_ridge must be > 0"):
         paper_method("itd", stage1_ridge=0.0)

@@ -404,10 +404,11 @@ class FeatureOption(IVLibraryMethod):
         and penalty baselines: the inner variable is φ with the stage-1 head in closed form,
         and the outer loss refits the stage-1 head on ψ_ω(t₁); see
         :class:`~funcbo.apps.iv.problem.IVFeatureProblem`).
-    stage1_ridge: this method's λ₁ (per-sample scale) in place of the problem's, for
-        ``formulation: features``: the inner loss, the outer loss's stage-1 refit and the
-        refit that scores the run (as the reference's trainers score each method with its own
-        λ₁; the FuncID authors' AID and ITD use 0.05). None: the problem's.
+    stage1_ridge: this method's λ₁ (per-sample scale) in place of the problem's, wherever
+        its run uses λ₁: in the feature formulation its inner loss and the outer loss's
+        stage-1 refit, and in either formulation the refit that scores the run (as the
+        reference's trainers score each method with its own λ₁; the FuncID authors' AID and
+        ITD use 0.05). None: the problem's.
     """
 
     scope: ClassVar[str] = "iv"
@@ -418,14 +419,8 @@ class FeatureOption(IVLibraryMethod):
         super().__post_init__()
         if self.formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {self.formulation!r}")
-        if self.stage1_ridge is not None:
-            if not self.stage1_ridge > 0:
-                raise ValueError(f"stage1_ridge must be > 0 or null, got {self.stage1_ridge}")
-            if self.formulation != "features":
-                raise ValueError(
-                    "a method's own stage1_ridge is for formulation: features; set "
-                    "problem.stage1_ridge for the functional formulation"
-                )
+        if self.stage1_ridge is not None and not self.stage1_ridge > 0:
+            raise ValueError(f"stage1_ridge must be > 0 or null, got {self.stage1_ridge}")
         if self.formulation == "features" and isinstance(
             getattr(self, "inner_solver", None), RidgeHead
         ):
