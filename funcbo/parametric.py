@@ -273,13 +273,20 @@ class ITD(HypergradientEstimator):
         _check_unrollable(optimizer, inner_model)
         self.inner_model = inner_model
         self.optimizer = optimizer
-        group = optimizer.param_groups[0]
-        self.lr = float(group["lr"])
-        self.momentum = float(group.get("momentum", 0.0))
         self.unroll = unroll
         self.truncate = unroll if truncate is None else truncate
         self.inner_steps = unroll
         self.diagnostics: StepStats | Diagnostics | None = None
+
+    @property
+    def lr(self) -> float:
+        """The unrolled optimizer's learning rate."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def momentum(self) -> float:
+        """The unrolled SGD's momentum (0 for Adam)."""
+        return float(self.optimizer.param_groups[0].get("momentum", 0.0))
 
     @property
     def adam(self) -> bool:
@@ -315,7 +322,7 @@ class ITD(HypergradientEstimator):
                     bias_correction2_sqrt=(1.0 - b2**step) ** 0.5,
                 )
                 new_state[n] = {
-                    "step": torch.tensor(step, dtype=_step_dtype()),
+                    "step": torch.tensor(step, dtype=adam_step_dtype()),
                     "exp_avg": m,
                     "exp_avg_sq": v,
                 }
@@ -404,8 +411,9 @@ class ITD(HypergradientEstimator):
                 self.optimizer.state[params[n]] = {"momentum_buffer": b}
 
 
-def _step_dtype() -> torch.dtype:
-    # torch.optim.Adam's step counter: float64 under a float64 default dtype, else float32
+def adam_step_dtype() -> torch.dtype:
+    """The dtype of ``torch.optim.Adam``'s step counter: float64 under a float64 default dtype,
+    else float32."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
@@ -439,4 +447,4 @@ def _check_unrollable(optimizer: torch.optim.Optimizer, inner_model: nn.Module) 
         raise ValueError("ITD's optimizer must hold exactly the inner model's trainable parameters")
 
 
-__all__ = ["AID", "ITD", "ITD_OPTIMIZERS", "AIDStats", "unrolled_adam_step"]
+__all__ = ["AID", "ITD", "ITD_OPTIMIZERS", "AIDStats", "adam_step_dtype", "unrolled_adam_step"]

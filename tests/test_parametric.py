@@ -150,6 +150,14 @@ def test_aid_on_overparameterised_network():
 
 
 # ----------------------------------------------------------------- ITD unrolling an optimizer
+def _torch_inner_steps(lq, outer, model, opt, steps):
+    """``steps`` steps of the torch optimizer ``opt`` on the mean inner loss of ``model``."""
+    for _ in range(steps):
+        opt.zero_grad()
+        lq.problem.eval_inner(outer, model(lq.inner_batch["x"]), lq.inner_batch).mean().backward()
+        opt.step()
+
+
 def _adam_reference_loss(lq, outer_weight, inner, opt_state, steps):
     """L_out after ``steps`` torch.optim.Adam steps of a copy of ``inner`` (from ``opt_state``)
     on the inner loss at Ω = ``outer_weight``: the function ITD(adam) differentiates."""
@@ -161,11 +169,7 @@ def _adam_reference_loss(lq, outer_weight, inner, opt_state, steps):
         outer.weight.copy_(outer_weight)
     opt = torch.optim.Adam(model.parameters(), lr=0.05, weight_decay=0.01)
     opt.load_state_dict(copy.deepcopy(opt_state))
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = lq.problem.eval_inner(outer, model(lq.inner_batch["x"]), lq.inner_batch).mean()
-        loss.backward()
-        opt.step()
+    _torch_inner_steps(lq, outer, model, opt, steps)
     with torch.no_grad():
         pred = model(lq.outer_batch["x"])
         return float(lq.problem.eval_outer(outer, pred, lq.outer_batch).mean()), model, opt
@@ -187,10 +191,7 @@ def test_itd_adam_steps_are_torch_adam_steps_and_keep_its_state():
     twin_opt = torch.optim.Adam(twin.parameters(), lr=0.05, weight_decay=0.01)
     for _ in range(2):
         est.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
-    for _ in range(10):
-        twin_opt.zero_grad()
-        lq.problem.eval_inner(outer, twin(lq.inner_batch["x"]), lq.inner_batch).mean().backward()
-        twin_opt.step()
+    _torch_inner_steps(lq, outer, twin, twin_opt, 10)
     for p, q in zip(inner.parameters(), twin.parameters(), strict=True):
         assert (p - q).abs().max() <= 1e-12
         st, tst = opt.state[p], twin_opt.state[q]
@@ -283,10 +284,7 @@ def test_itd_sgd_optimizer_equals_lr_and_momentum():
     )
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.5, weight_decay=0.2)
     c.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
-    for _ in range(3):
-        twin_opt.zero_grad()
-        lq.problem.eval_inner(outer, twin(lq.inner_batch["x"]), lq.inner_batch).mean().backward()
-        twin_opt.step()
+    _torch_inner_steps(lq, outer, twin, twin_opt, 3)
     for p, q in zip(inner3.parameters(), twin.parameters(), strict=True):
         assert (p - q).abs().max() <= 1e-13
 

@@ -53,6 +53,7 @@ from torch.nn.utils import parametrize
 
 from funcbo.apps.iv.networks import InstrumentModel, Standardize
 from funcbo.linalg import batched_cg, run_dot, run_norm, run_where
+from funcbo.parametric import adam_step_dtype
 
 #: IV method kinds with a batched step
 BATCHED_KINDS = (
@@ -67,6 +68,12 @@ BATCHED_KINDS = (
 
 
 # ------------------------------------------------------------------------------ stacked nets
+def run_column(values: Tensor, like: Tensor) -> Tensor:
+    """Per-run ``values`` ``[R]`` shaped to broadcast against a stacked tensor ``like``
+    ``[R, ...]`` (its device and dtype)."""
+    return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
 @dataclass
 class _Layer:
     """One layer of a :class:`StackedNet`: its kind, settings, the indices of its stacked
@@ -338,15 +345,12 @@ class StackedAdam:
         bc2_sqrt = (1.0 - b2**self.step_count).sqrt()
         step_size = self.lr / bc1
 
-        def col(t: Tensor, p: Tensor) -> Tensor:
-            return t.to(device=p.device, dtype=p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
-
         for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
-            g = torch.addcmul(g, col(self.weight_decay, p), p)
+            g = torch.addcmul(g, run_column(self.weight_decay, p), p)
             m.lerp_(g, 1.0 - b1)
             v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            denom = (v.sqrt() / col(bc2_sqrt, p)).add_(col(self.eps, p))
-            p.addcdiv_(m * col(-step_size, p), denom)
+            denom = (v.sqrt() / run_column(bc2_sqrt, p)).add_(run_column(self.eps, p))
+            p.addcdiv_(m * run_column(-step_size, p), denom)
 
     def write_run(self, run: int) -> None:
         """Write run ``run``'s moments and step count into its own optimizer's state."""
@@ -359,7 +363,7 @@ class StackedAdam:
                 opt.state.pop(orig, None)
                 continue
             opt.state[orig] = {
-                "step": torch.tensor(steps, dtype=_step_dtype()),
+                "step": torch.tensor(steps, dtype=adam_step_dtype()),
                 "exp_avg": (m[run].T if tr else m[run]).detach().clone(),
                 "exp_avg_sq": (v[run].T if tr else v[run]).detach().clone(),
             }
@@ -381,11 +385,6 @@ class StackedAdam:
                 v[run].copy_(st["exp_avg_sq"].T if tr else st["exp_avg_sq"])
                 steps = float(st["step"])
         self.step_count[run] = steps
-
-
-def _step_dtype() -> torch.dtype:
-    # torch.optim.Adam's step counter: float64 under a float64 default dtype, else float32
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------ linear algebra
@@ -459,6 +458,7 @@ __all__ = [
     "ridge_fit",
     "ridge_objective",
     "ridge_predict",
+    "run_column",
     "run_dot",
     "run_norm",
 ]

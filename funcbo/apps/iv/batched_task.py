@@ -34,6 +34,7 @@ from funcbo.apps.iv.batched import (
     ridge_fit,
     ridge_objective,
     ridge_predict,
+    run_column,
     run_norm,
 )
 from funcbo.apps.iv.config import (
@@ -623,9 +624,6 @@ class IVBatchTask(BatchTask):
         first_diff = self.inner_steps - self.itd_truncate
         inner_loss = torch.full((self.runs,), float("nan"), dtype=torch.float64)
 
-        def col(t: Tensor, p: Tensor) -> Tensor:
-            return t.to(device=p.device, dtype=p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
-
         for k in range(self.inner_steps):
             b = batches[k % len(batches)]
             diff = k >= first_diff
@@ -644,12 +642,12 @@ class IVBatchTask(BatchTask):
                     gk,
                     mk,
                     vk,
-                    lr=col(opt.lr, t),
+                    lr=run_column(opt.lr, t),
                     betas=(b1, b2),
-                    eps=col(opt.eps, t),
-                    weight_decay=col(opt.weight_decay, t),
-                    bias_correction1=col(bc1, t),
-                    bias_correction2_sqrt=col(bc2_sqrt, t),
+                    eps=run_column(opt.eps, t),
+                    weight_decay=run_column(opt.weight_decay, t),
+                    bias_correction1=run_column(bc1, t),
+                    bias_correction2_sqrt=run_column(bc2_sqrt, t),
                 )
                 for t, gk, mk, vk in zip(theta, g, m, v, strict=True)
             ]
