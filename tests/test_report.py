@@ -548,8 +548,26 @@ def test_without_select_by_every_variant_is_a_row(grid_root, tmp_path):
     assert "selection" not in rep.data
     assert len(rep.data["methods"]) == 4
     assert "## Results" not in rep.markdown and "| variant | n |" in rep.markdown
-    assert "| **omd[inner_lr=0.001,tau=0.005]** | 3 |" in rep.markdown
-    assert "| funcid[inner_lr=0.003,tau=0.005] | 2 (1 failed) |" in rep.markdown
+    # methods are compared at the same grid point: the best median of each point is in bold
+    # (omd at 0.001: 201 against funcid's 151; funcid at 0.003: 180.5 against omd's 51)
+    assert "the best median at each grid point is in bold" in rep.markdown
+    assert "| **omd[inner_lr=0.001,tau=0.005]** | 3 | **201** [" in rep.markdown
+    assert "| **funcid[inner_lr=0.003,tau=0.005]** | 2 (1 failed) | **180.5** [" in rep.markdown
+    assert "| omd[inner_lr=0.003,tau=0.005] | 3 | 51 [" in rep.markdown
+    assert "| funcid[inner_lr=0.001,tau=0.005] | 3 | 151 [" in rep.markdown
+
+
+def test_bold_is_global_when_a_grid_point_has_one_variant(tmp_path):
+    root = tmp_path / "runs"
+    for method, lr in [("omd", 0.001), ("omd", 0.003), ("funcid", 0.001)]:
+        for seed in range(2):
+            write_rl_run(root, method, lr, seed)
+    (root / "sweep.json").write_text(json.dumps({"name": "rl_grid", "experiment": "rl_toy"}))
+    md = make_report(root, tmp_path / "out", "all", figures=False).markdown
+    assert "(higher is better; the best median is in bold)" in md
+    bold_rows = [line for line in md.splitlines() if line.startswith("| **")]
+    assert bold_rows == [line for line in md.splitlines() if "| **omd[inner_lr=0.001," in line]
+    assert len(bold_rows) == 1
 
 
 def test_select_by_errors(grid_root, tmp_path):

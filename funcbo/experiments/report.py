@@ -324,11 +324,13 @@ def _markdown(
     preamble: str | None = None,
     warnings: list[str] = (),  # type: ignore[assignment]
     labels: dict[str, str] | None = None,
+    per_point: bool = False,
 ) -> str:
     metric, mode = data["metric"], data["metric_mode"]
     counts = {s: sum(data["runs"][v][s] for v in variants) for s in _STATUSES}
     total = sum(counts.values())
     better = "lower" if mode == "min" else "higher"
+    bold_scope = "the best median at each grid point" if per_point else "the best median"
     status_text = ", ".join(f"{counts[s]} {s}" for s in _STATUSES if counts[s])
     labels = labels or {}
     selection = data.get("selection")
@@ -358,7 +360,7 @@ def _markdown(
         *head,
         f"{_plural(total, 'run')} ({status_text}) {scope}. "
         f"Headline metric: "
-        f"`{metric}` ({better} is better; the best median is in bold).",
+        f"`{metric}` ({better} is better; {bold_scope} is in bold).",
         "",
         "Statistics over finished runs at the end of training: median [q25, q75] (linear "
         "interpolation), mean ± sd (sample sd). AUC: the metric averaged over the iterations "
@@ -421,6 +423,19 @@ def _point_of(runs: list[_Run]) -> dict[str, Any]:
         if isinstance(point, dict):
             return point
     return {}
+
+
+def _comparison_groups(variants: list[str], finished: dict[str, list[_Run]]) -> list[list[str]]:
+    """Variants grouped by grid point, so that methods are compared at the same settings (e.g.
+    the same sample size); one group of all variants when that leaves a variant alone or the
+    runs have no grid point."""
+    groups: dict[str, list[str]] = {}
+    for v in variants:
+        key = json.dumps(_point_of(finished[v]), sort_keys=True, default=str)
+        groups.setdefault(key, []).append(v)
+    if len(groups) < 2 or any(len(g) < 2 for g in groups.values()):
+        return [list(variants)]
+    return list(groups.values())
 
 
 def _point_text(point: dict[str, Any]) -> str:
@@ -978,10 +993,13 @@ def make_report(
         data["seeds"] = seed_info
 
     medians = {v: methods[v][metric]["median"] for v in variants if methods[v][metric]["n"]}
+    groups = _comparison_groups(variants, finished) if selection is None else [variants]
     best: set[str] = set()
-    if medians:
-        target = min(medians.values()) if mode == "min" else max(medians.values())
-        best = {v for v, m in medians.items() if m == target}
+    for group in groups:
+        group_medians = [medians[v] for v in group if v in medians]
+        if group_medians:
+            target = min(group_medians) if mode == "min" else max(group_medians)
+            best |= {v for v in group if v in medians and medians[v] == target}
 
     title = f"{name} ({experiment})"
     written: list[Path] = []
@@ -998,7 +1016,17 @@ def make_report(
         stems = [f"{name}_box", f"{name}_curves"]
 
     markdown = _markdown(
-        data, variants, metric_names, best, nonfinite, failures, stems, preamble, warnings, labels
+        data,
+        variants,
+        metric_names,
+        best,
+        nonfinite,
+        failures,
+        stems,
+        preamble,
+        warnings,
+        labels,
+        per_point=len(groups) > 1,
     )
     md_path, json_path = out / f"{name}.md", out / f"{name}.json"
     atomic_write_json(json_path, data)
