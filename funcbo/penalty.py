@@ -38,6 +38,12 @@ from funcbo.inner import InnerSolver, frozen
 from funcbo.problem import Batch, BilevelProblem
 
 
+def norm_from_squares(sq: Tensor) -> Tensor:
+    """√sq elementwise, with gradient 0 (not ∞) where sq = 0: a gradient norm from its square."""
+    pos = sq > 0
+    return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+
+
 def _losses(
     problem: BilevelProblem,
     model: nn.Module,
@@ -57,8 +63,8 @@ class PenaltyStats(StepStats):
     """Diagnostics of a penalty method's step.
 
     Attributes:
-        penalty: the penalty term (``penalty``): ½‖∇_θ L_in‖², or L_in − L_in(θ̂) for the
-            value-function penalty.
+        penalty: the penalty term (``penalty``): ½‖∇_θ L_in‖² (‖∇_θ L_in‖ when not squared),
+            or L_in − L_in(θ̂) for the value-function penalty.
         value_loss: :class:`ValuePenalty`: L_in(θ̂) (``value_loss``).
     """
 
@@ -77,12 +83,15 @@ class GradientPenalty(HypergradientEstimator):
     """Gradient-norm penalty method.
 
     θ-steps descend L_out/γ + ½‖∇_θ L_in‖² (a parameter-space Hessian-vector product each); the
-    outer gradient is ∂_ω L_out + γ·∂_ω ½‖∇_θ L_in‖². Under ``torch.distributed`` the penalty is
-    computed on each rank's shard (see the module docstring).
+    outer gradient is ∂_ω L_out + γ·∂_ω ½‖∇_θ L_in‖². With ``squared=False`` the penalty is the
+    norm itself, ‖∇_θ L_in‖, as the authors' IV code writes it (its gradient H·g/‖g‖ does not
+    vanish as g → 0, where the squared norm's H·g does). Under ``torch.distributed`` the
+    penalty is computed on each rank's shard (see the module docstring).
 
     Args:
         inner_model, inner_optimizer, inner_steps: the inner network and its θ-steps.
         penalty: γ > 0.
+        squared: penalise ½‖∇_θ L_in‖² (default) or ‖∇_θ L_in‖.
     """
 
     def __init__(
@@ -92,6 +101,7 @@ class GradientPenalty(HypergradientEstimator):
         inner_steps: int = 1,
         *,
         penalty: float = 10.0,
+        squared: bool = True,
     ) -> None:
         if not penalty > 0:
             raise ValueError(f"penalty must be > 0, got {penalty}")
@@ -99,6 +109,7 @@ class GradientPenalty(HypergradientEstimator):
         self.inner = InnerSolver(inner_model, inner_optimizer, inner_steps)
         self.inner_steps = max(inner_steps, 1)
         self.penalty = penalty
+        self.squared = bool(squared)
         self.diagnostics: PenaltyStats | Diagnostics | None = None
 
     def _penalised(
@@ -107,7 +118,8 @@ class GradientPenalty(HypergradientEstimator):
         theta = trainable(self.inner_model)
         l_in, l_out = _losses(problem, self.inner_model, outer, inner_batch, outer_batch)
         G = torch.autograd.grad(l_in, theta, create_graph=True, allow_unused=True)
-        pen = 0.5 * sum((g**2).sum() for g in G if g is not None)
+        sq = sum((g**2).sum() for g in G if g is not None)
+        pen = 0.5 * sq if self.squared else norm_from_squares(sq)
         return l_in, l_out, pen  # type: ignore[return-value]
 
     def step(

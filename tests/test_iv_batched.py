@@ -63,6 +63,7 @@ CASES = [
     ("itd", {"unroll": 4, "truncate": 2}),
     ("itd", {"unroll": 3, "truncate": 1, "stage1_ridge": 0.05}),  # a method's own λ₁
     ("gradient_penalty", {}),
+    ("gradient_penalty", {"squared": False}),  # the authors' form: the norm, not its square
     ("value_penalty", {}),
     ("value_penalty", {"joint": True, "value_steps": 2}),  # the authors': θ's last step with ω's
 ]
@@ -114,6 +115,7 @@ CASE_IDS = [
     "itd",
     "itd_own_ridge",
     "gradient_penalty",
+    "gradient_penalty_norm",
     "value_penalty",
     "value_penalty_joint",
 ]

@@ -105,3 +105,58 @@ def test_joint_needs_an_inner_step():
     inner = lq.make_inner()
     with pytest.raises(ValueError, match="joint"):
         funcbo.ValuePenalty(inner, torch.optim.SGD(inner.parameters(), lr=0.1), 0, joint=True)
+
+
+def _fd_grad(f, params, eps=1e-6):
+    """Central finite differences of the scalar f() in every entry of params (float64)."""
+    out = []
+    for p in params:
+        g = torch.zeros_like(p)
+        with torch.no_grad():
+            for i in range(p.numel()):
+                flat = p.view(-1)
+                old = flat[i].item()
+                flat[i] = old + eps
+                hi = f()
+                flat[i] = old - eps
+                lo = f()
+                flat[i] = old
+                g.view(-1)[i] = (hi - lo) / (2 * eps)
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("squared", [True, False])
+def test_gradient_penalty_steps_match_finite_differences(squared):
+    """θ's SGD step descends L_out/γ + P and the outer gradient is ∂_ω(L_out + γ·P), with
+    P = ½‖∇_θ L_in‖² or ‖∇_θ L_in‖ (squared=False, the authors' IV form): both checked against
+    finite differences of P computed from first-order gradients only (float64)."""
+    from funcbo.penalty import _losses
+
+    lq = LinearQuadratic(seed=5)
+    gamma, lr = 0.3, 0.01
+    outer, inner = lq.make_outer(), lq.make_inner()
+    theta = list(inner.parameters())
+    omega = list(outer.parameters())
+
+    def objective(scale_out: float, scale_pen: float) -> float:
+        with torch.enable_grad():
+            l_in, l_out = _losses(lq.problem, inner, outer, lq.inner_batch, lq.outer_batch)
+            G = torch.autograd.grad(l_in, theta)
+        sq = sum(float((g**2).sum()) for g in G)
+        pen = 0.5 * sq if squared else sq**0.5
+        return scale_out * float(l_out) + scale_pen * pen
+
+    theta_step = _fd_grad(lambda: objective(1 / gamma, 1.0), theta)
+    expected_theta = [p.detach() - lr * g for p, g in zip(theta, theta_step, strict=True)]
+    est = funcbo.GradientPenalty(
+        inner, torch.optim.SGD(theta, lr=lr), 1, penalty=gamma, squared=squared
+    )
+    grads = est.step(lq.problem, outer, lq.inner_batch, lq.outer_batch)
+    for p, e in zip(theta, expected_theta, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-7, atol=1e-9)
+    expected_omega = _fd_grad(lambda: objective(1.0, gamma), omega)
+    for g, e in zip(grads, expected_omega, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-8)
+    sq = 2 * est.stats["penalty"] if squared else est.stats["penalty"] ** 2
+    assert sq > 1e-3  # the penalty is not trivially zero here

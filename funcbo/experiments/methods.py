@@ -428,13 +428,24 @@ class ITDMethod(EstimatorMethod):
 @register_method("gradient_penalty")
 @dataclass
 class GradientPenaltyMethod(EstimatorMethod):
-    """The gradient-norm penalty (:class:`funcbo.GradientPenalty`) with weight ``penalty``."""
+    """The gradient-norm penalty (:class:`funcbo.GradientPenalty`) with weight ``penalty``.
+
+    Attributes:
+        squared: penalise ½‖∇_θ L_in‖² (default) or the norm ‖∇_θ L_in‖ itself.
+    """
 
     penalty: float = 10.0
+    squared: bool = True
 
     def _build(self, context: BuildContext) -> HypergradientEstimator:
         opt = self.inner_optimizer_for(context.inner_model.parameters())
-        return GradientPenalty(context.inner_model, opt, self.inner_steps, penalty=self.penalty)
+        return GradientPenalty(
+            context.inner_model,
+            opt,
+            self.inner_steps,
+            penalty=self.penalty,
+            squared=self.squared,
+        )
 
 
 @register_method("value_penalty")

@@ -54,6 +54,7 @@ from funcbo.apps.iv.task import IVTask
 from funcbo.experiments.task import BatchTask, RunSpec
 from funcbo.linalg import CG, Identity, Neumann
 from funcbo.parametric import unrolled_adam_step
+from funcbo.penalty import norm_from_squares
 
 
 def unbatched_reason(spec: RunSpec) -> str | None:
@@ -198,6 +199,8 @@ class IVBatchTask(BatchTask):
                 self.penalty = float(ests[0].penalty)  # type: ignore[union-attr]
             #: the value penalty's θ-step simultaneous with ω's (ValuePenalty(joint=True))
             self.penalty_joint = bool(getattr(ests[0], "joint", False))
+            #: the gradient penalty's ½‖∇‖² (True) or ‖∇‖ (GradientPenalty(squared=False))
+            self.penalty_squared = bool(getattr(ests[0], "squared", True))
             if self.penalty_joint:  # its inner solver takes all θ-steps but the joint one
                 self.inner_steps = int(ests[0].inner_steps)  # type: ignore[union-attr]
             if self.penalty_kind == "value":
@@ -697,16 +700,19 @@ class IVBatchTask(BatchTask):
                 loss = ridge_objective(pred, T, ridge_fit(pred, T, lam1), lam1)
                 self.value_opt.step(torch.autograd.grad(loss.sum(), net.params))
 
-        def half_sq_grad(l_in: Tensor) -> Tensor:
+        squared = self.penalty_squared
+
+        def grad_penalty(l_in: Tensor) -> Tensor:
             G = torch.autograd.grad(l_in.sum(), phi.params, create_graph=True)
-            return 0.5 * sum((g**2).flatten(1).sum(1) for g in G)  # type: ignore[return-value]
+            sq: Tensor = sum((g**2).flatten(1).sum(1) for g in G)  # type: ignore[assignment]
+            return 0.5 * sq if squared else norm_from_squares(sq)
 
         joint = self.penalty_joint
         for k in range(self.inner_steps - int(joint)):
             b = batches[k % len(batches)]
             l_in, l_out = self._feature_losses(phi, b, b_out, fixed)
             if self.penalty_kind == "gradient":
-                objective = l_out / gamma + half_sq_grad(l_in)
+                objective = l_out / gamma + grad_penalty(l_in)
             elif joint:
                 objective = l_out + gamma * l_in
             else:
@@ -717,7 +723,7 @@ class IVBatchTask(BatchTask):
         stats: dict[str, Any] = {"inner_loss": l_in.detach().double()}
         stats["outer_loss"] = l_out.detach().double()
         if self.penalty_kind == "gradient":
-            pen = half_sq_grad(l_in)
+            pen = grad_penalty(l_in)
             total = list(torch.autograd.grad((l_out + gamma * pen).sum(), psi_params))
             stats["penalty"] = pen.detach().double()
         else:
