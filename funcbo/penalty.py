@@ -118,9 +118,9 @@ class GradientPenalty(HypergradientEstimator):
         theta = trainable(self.inner_model)
         l_in, l_out = _losses(problem, self.inner_model, outer, inner_batch, outer_batch)
         G = torch.autograd.grad(l_in, theta, create_graph=True, allow_unused=True)
-        sq = sum((g**2).sum() for g in G if g is not None)
+        sq: Tensor = sum((g**2).sum() for g in G if g is not None)  # type: ignore[assignment]
         pen = 0.5 * sq if self.squared else norm_from_squares(sq)
-        return l_in, l_out, pen  # type: ignore[return-value]
+        return l_in, l_out, pen
 
     def step(
         self,
