@@ -160,3 +160,13 @@ def test_gradient_penalty_steps_match_finite_differences(squared):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-8)
     sq = 2 * est.stats["penalty"] if squared else est.stats["penalty"] ** 2
     assert sq > 1e-3  # the penalty is not trivially zero here
+
+
+def test_norm_from_squares_has_a_finite_gradient_at_zero():
+    from funcbo.penalty import norm_from_squares
+
+    sq = torch.tensor([0.0, 4.0], dtype=torch.float64, requires_grad=True)
+    norm = norm_from_squares(sq)
+    (g,) = torch.autograd.grad(norm.sum(), sq)
+    torch.testing.assert_close(norm.detach(), torch.tensor([0.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(g, torch.tensor([0.0, 0.25], dtype=torch.float64))  # d√s = 1/(2√s)
