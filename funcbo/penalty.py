@@ -44,6 +44,12 @@ def norm_from_squares(sq: Tensor) -> Tensor:
     return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
+def gradient_penalty_term(sq: Tensor, squared: bool) -> Tensor:
+    """:class:`GradientPenalty`'s penalty from the squared gradient norm ``sq``: ½·sq, or the
+    norm √sq when not ``squared``."""
+    return 0.5 * sq if squared else norm_from_squares(sq)
+
+
 def _losses(
     problem: BilevelProblem,
     model: nn.Module,
@@ -119,8 +125,7 @@ class GradientPenalty(HypergradientEstimator):
         l_in, l_out = _losses(problem, self.inner_model, outer, inner_batch, outer_batch)
         G = torch.autograd.grad(l_in, theta, create_graph=True, allow_unused=True)
         sq: Tensor = sum((g**2).sum() for g in G if g is not None)  # type: ignore[assignment]
-        pen = 0.5 * sq if self.squared else norm_from_squares(sq)
-        return l_in, l_out, pen
+        return l_in, l_out, gradient_penalty_term(sq, self.squared)
 
     def step(
         self,

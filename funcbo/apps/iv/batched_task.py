@@ -54,7 +54,7 @@ from funcbo.apps.iv.task import IVTask
 from funcbo.experiments.task import BatchTask, RunSpec
 from funcbo.linalg import CG, Identity, Neumann
 from funcbo.parametric import unrolled_adam_step
-from funcbo.penalty import norm_from_squares
+from funcbo.penalty import gradient_penalty_term
 
 
 def unbatched_reason(spec: RunSpec) -> str | None:
@@ -705,7 +705,7 @@ class IVBatchTask(BatchTask):
         def grad_penalty(l_in: Tensor) -> Tensor:
             G = torch.autograd.grad(l_in.sum(), phi.params, create_graph=True)
             sq: Tensor = sum((g**2).flatten(1).sum(1) for g in G)  # type: ignore[assignment]
-            return 0.5 * sq if squared else norm_from_squares(sq)
+            return gradient_penalty_term(sq, squared)
 
         joint = self.penalty_joint
         for k in range(self.inner_steps - int(joint)):
