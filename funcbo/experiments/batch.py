@@ -16,13 +16,14 @@ import math
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from funcbo.experiments.config import PlannedRun
-from funcbo.experiments.errors import DamagedRunError, StaleRunError
+from funcbo.experiments.errors import DamagedRunError, RunInUseError, StaleRunError
 from funcbo.experiments.runner import (
     _RUNNER_KEYS,
     ProgressFn,
@@ -108,37 +109,59 @@ def execute_batch(
         if on_result is not None:
             on_result(run.run_id, summary, error)
 
-    pending: dict[int, list[tuple[PlannedRun, dict[str, Any] | None]]] = {}
-    for run in runs:
-        rd = RunDir(out / run.run_id)
-        try:
-            done = rd.summary()
-            if done is not None and done.get("status") == "finished":
-                differing = config_differences(run, rd)
-                if differing:
-                    raise StaleRunError(
-                        f"{rd.path} was made with a different config (differing keys: "
-                        f"{', '.join(differing)}); pass --overwrite to replace it"
-                    )
-                report(run, {**done, "skipped": True}, None)
+    with ExitStack() as locks:  # each run's lock, held until the batch ends
+        pending: dict[int, list[tuple[PlannedRun, dict[str, Any] | None]]] = {}
+        for run in runs:
+            rd = RunDir(out / run.run_id)
+            lock = ExitStack()
+            try:
+                lock.enter_context(rd.locked())
+            except RunInUseError as e:  # another process runs it: leave its files alone
+                report(run, None, f"{type(e).__name__}: {e}")
                 continue
-            ckpt = rd.load_checkpoint() if rd.path.exists() else None
-            if ckpt is not None and not ckpt.get(BATCHED_CHECKPOINT):
-                raise DamagedRunError(
-                    f"{rd.path}: its checkpoint was made by an unbatched run; run it without "
-                    f"batch_seeds, or start it afresh with --restart {run.run_id}"
-                )
-        except Exception as e:  # this run alone fails
-            _record_failure(rd, run, e, traceback.format_exc())
-            report(run, None, f"{type(e).__name__}: {e}")
-            continue
-        start = int(ckpt["iteration"]) if ckpt is not None else 0
-        pending.setdefault(start, []).append((run, ckpt))
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    for start in sorted(pending):
-        _execute_group(pending[start], out, opts, progress, report)
+            ckpt = _prepare(run, rd, report)
+            if ckpt is False:  # skipped or failed: not held while the others run
+                lock.close()
+                continue
+            locks.callback(lock.close)
+            start = int(ckpt["iteration"]) if ckpt is not None else 0
+            pending.setdefault(start, []).append((run, ckpt))
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        for start in sorted(pending):
+            _execute_group(pending[start], out, opts, progress, report)
     return results
+
+
+def _prepare(
+    run: PlannedRun,
+    rd: RunDir,
+    report: Callable[[PlannedRun, dict[str, Any] | None, str | None], None],
+) -> dict[str, Any] | Literal[False] | None:
+    """The run's checkpoint (None: start afresh), or False when it is done (skipped, reported)
+    or cannot run (failure recorded, reported)."""
+    try:
+        done = rd.summary()
+        if done is not None and done.get("status") == "finished":
+            differing = config_differences(run, rd)
+            if differing:
+                raise StaleRunError(
+                    f"{rd.path} was made with a different config (differing keys: "
+                    f"{', '.join(differing)}); pass --overwrite to replace it"
+                )
+            report(run, {**done, "skipped": True}, None)
+            return False
+        ckpt = rd.load_checkpoint() if rd.path.exists() else None
+        if ckpt is not None and not ckpt.get(BATCHED_CHECKPOINT):
+            raise DamagedRunError(
+                f"{rd.path}: its checkpoint was made by an unbatched run; run it without "
+                f"batch_seeds, or start it afresh with --restart {run.run_id}"
+            )
+    except Exception as e:  # this run alone fails
+        _record_failure(rd, run, e, traceback.format_exc())
+        report(run, None, f"{type(e).__name__}: {e}")
+        return False
+    return ckpt
 
 
 def _execute_group(

@@ -16,4 +16,8 @@ class StaleRunError(ExperimentError):
     """A run directory holds a run made with a different config than the one requested."""
 
 
-__all__ = ["DamagedRunError", "ExperimentError", "StaleRunError"]
+class RunInUseError(ExperimentError):
+    """Another process is running this run (it holds the run directory's lock)."""
+
+
+__all__ = ["DamagedRunError", "ExperimentError", "RunInUseError", "StaleRunError"]

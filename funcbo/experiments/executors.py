@@ -44,7 +44,7 @@ from funcbo.experiments.runner import (
     execute_run,
     record_lost_run,
 )
-from funcbo.experiments.store import SUMMARY
+from funcbo.experiments.store import LOCK, SUMMARY
 from funcbo.experiments.task import experiment_module
 from funcbo.io import atomic_write
 
@@ -265,7 +265,7 @@ def _read_tree(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.name.endswith(".tmp")
+        if p.is_file() and not p.name.endswith(".tmp") and p.name != LOCK
     }
 
 
@@ -284,7 +284,7 @@ def write_returned_run(path: Path, files: dict[str, bytes]) -> None:
         atomic_write(path / name, lambda f, data=data: f.write(data), "wb")
     for p in sorted(path.rglob("*"), reverse=True):
         rel = p.relative_to(path).as_posix()
-        if p.is_file() and rel not in files:
+        if p.is_file() and rel not in files and rel != LOCK:
             p.unlink()
         elif p.is_dir() and not any(p.iterdir()):
             p.rmdir()

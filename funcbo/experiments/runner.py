@@ -123,9 +123,20 @@ def execute_run(
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or skip) one run; returns its summary. Exceptions propagate after the
-    failure is recorded in the run directory."""
+    failure is recorded in the run directory.
+
+    Raises:
+        RunInUseError: another process is running this run (nothing is written then).
+    """
     opts = options or RunOptions()
     rd = RunDir(Path(out) / run.run_id)
+    with rd.locked():
+        return _execute_locked(run, rd, opts, progress)
+
+
+def _execute_locked(
+    run: PlannedRun, rd: RunDir, opts: RunOptions, progress: ProgressFn | None
+) -> dict[str, Any]:
     try:
         done = rd.summary()
     except DamagedRunError as e:
@@ -377,6 +388,7 @@ def prepare_run_dirs(
     Raises:
         ExperimentError: a ``restart`` id is not a planned run.
         StaleRunError: runs made with another config, without ``overwrite``.
+        RunInUseError: a run to delete is being run by another process.
     """
     out = Path(out)
     by_id = {r.run_id: r for r in runs}
@@ -415,7 +427,9 @@ def prepare_run_dirs(
         )
     cleared = [r for r in by_id if r in {x.strip("/") for x in restart}] + list(stale)
     for run_id in cleared:
-        RunDir(out / run_id).clear()
+        rd = RunDir(out / run_id)
+        with rd.locked():
+            rd.clear()
     return cleared
 
 

@@ -10,6 +10,7 @@ Layout of a sweep written by ``funcbo run CONFIG --out OUT``::
         summary.json                  status and final metrics
         checkpoint.pt                 last checkpoint (task state, iteration, RNG states)
         error.txt                     traceback, when the run failed
+        .lock                         held by the process running the run (never committed)
         tensorboard/                  event files, when enabled
 
 ``metrics.jsonl`` lines hold ``iteration`` (0 = before training), ``wall_time_s`` (time spent in
@@ -21,18 +22,28 @@ evaluation metrics (e.g. ``test_mse``).
 "variant", "seed", "grid_point", "iterations", "iteration", "metric", "metric_mode",
 "wall_time_s", "final": {metric: value}, "error": str | None}; ``final`` holds the last
 evaluation metrics and the last training metrics of the run.
+
+A process runs a run only while it holds the lock of its directory (``flock`` on ``.lock``,
+released by the operating system when the process ends, however it ends), so two sweeps started
+on the same ``--out`` never write into one run: the second is refused with
+:class:`~funcbo.experiments.errors.RunInUseError` and leaves the run to the first.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from funcbo.experiments.errors import DamagedRunError
+from funcbo.experiments.errors import DamagedRunError, RunInUseError
 from funcbo.io import (
     append_jsonl,
     atomic_torch_save,
@@ -47,6 +58,12 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 ERROR = "error.txt"
 SWEEP = "sweep.json"
+LOCK = ".lock"
+
+try:  # POSIX; elsewhere runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 
 class RunDir:
@@ -141,10 +158,47 @@ class RunDir:
     def write_error(self, text: str) -> None:
         atomic_write_text(self.error_path, text)
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run's lock for the duration of the ``with`` block (creating the directory).
+
+        Raises:
+            RunInUseError: another process holds it (is running this run).
+        """
+        if fcntl is None:  # pragma: no cover - Windows
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / LOCK
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = lock.read_text(errors="replace").strip() or "another process"
+                raise RunInUseError(
+                    f"{self.path} is being run by {holder}; wait for it to end (or stop it) "
+                    "before running, restarting or overwriting this run"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def clear(self) -> None:
-        """Remove every file of the run (a fresh start)."""
-        if self.path.exists():
-            shutil.rmtree(self.path)
+        """Remove every file of the run (a fresh start), keeping its lock."""
+        if not self.path.exists():
+            return
+        for p in self.path.iterdir():
+            if p.name == LOCK:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 def find_runs(root: str | Path) -> list[RunDir]:
@@ -153,4 +207,14 @@ def find_runs(root: str | Path) -> list[RunDir]:
     return [RunDir(p.parent) for p in sorted(root.rglob(SUMMARY))]
 
 
-__all__ = ["CHECKPOINT", "CONFIG", "ERROR", "METRICS", "SUMMARY", "SWEEP", "RunDir", "find_runs"]
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "ERROR",
+    "LOCK",
+    "METRICS",
+    "SUMMARY",
+    "SWEEP",
+    "RunDir",
+    "find_runs",
+]
