@@ -105,9 +105,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     for run_id, err in res.failed.items():
-        print(
-            f"  FAILED {run_id}: {err} (traceback in {out / run_id / 'error.txt'})", file=sys.stderr
-        )
+        trace = out / run_id / "error.txt"
+        # a run held by another process was not touched: no traceback of this command is there
+        where = "" if err.startswith("RunInUseError") else f" (traceback in {trace})"
+        print(f"  FAILED {run_id}: {err}{where}", file=sys.stderr)
     return 0 if res.ok else 1
 
 

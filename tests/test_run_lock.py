@@ -120,6 +120,22 @@ def test_a_batch_runs_the_free_runs_and_reports_the_held_one(tmp_path: Path) -> 
     assert again[runs[0].run_id]["skipped"] is True
 
 
+def test_a_second_command_runs_the_others_and_names_the_holder(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    held = RunDir(out / "lin/seed_0")
+    with held.locked():
+        assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "FAILED lin/seed_0" in x)
+    assert "RunInUseError" in line and "is being run by process" in line
+    assert "traceback in" not in line and not held.error_path.exists()
+    assert RunDir(out / "lin/seed_1").summary()["status"] == "finished"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0  # free: it runs now
+    assert held.summary()["status"] == "finished"
+
+
 def test_restart_of_a_held_run_is_refused(tmp_path: Path, capsys) -> None:
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump({**TINY, "seeds": [0]}))
