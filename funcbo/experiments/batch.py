@@ -23,16 +23,16 @@ from typing import Any, Literal
 import torch
 
 from funcbo.experiments.config import PlannedRun
-from funcbo.experiments.errors import DamagedRunError, RunInUseError, StaleRunError
+from funcbo.experiments.errors import DamagedRunError, RunInUseError
 from funcbo.experiments.runner import (
     _RUNNER_KEYS,
     ProgressFn,
     RunOptions,
     _finished_before,
+    _finished_run,
     _numeric,
     _record_failure,
     _summary_base,
-    config_differences,
     run_config_text,
 )
 from funcbo.experiments.store import RunDir
@@ -141,14 +141,8 @@ def _prepare(
     """The run's checkpoint (None: start afresh), or False when it is done (skipped, reported)
     or cannot run (failure recorded, reported)."""
     try:
-        done = rd.summary()
-        if done is not None and done.get("status") == "finished":
-            differing = config_differences(run, rd)
-            if differing:
-                raise StaleRunError(
-                    f"{rd.path} was made with a different config (differing keys: "
-                    f"{', '.join(differing)}); pass --overwrite to replace it"
-                )
+        done = _finished_run(run, rd, rd.summary())
+        if done is not None:
             report(run, {**done, "skipped": True}, None)
             return False
         ckpt = rd.load_checkpoint() if rd.path.exists() else None

@@ -147,15 +147,9 @@ def _execute_locked(
         )
         _record_failure(rd, run, err)
         raise err from e
-    if done is not None and done.get("status") == "finished":
-        differing = config_differences(run, rd)
-        if differing:
-            raise StaleRunError(
-                f"{rd.path} was made with a different config (differing keys: "
-                f"{', '.join(differing)}); pass --overwrite to replace it"
-            )
-        done["skipped"] = True
-        return done
+    finished = _finished_run(run, rd, done)
+    if finished is not None:
+        return {**finished, "skipped": True}
     if opts.threads:
         torch.set_num_threads(opts.threads)
     exp = get_experiment(run.spec.experiment)
@@ -244,6 +238,26 @@ def _execute_locked(
     finally:
         if tb is not None:
             tb.close()
+
+
+def _finished_run(
+    run: PlannedRun, rd: RunDir, summary: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """``summary`` when it is that of a finished run made with ``run``'s config (to reuse);
+    None when the run has not finished.
+
+    Raises:
+        StaleRunError: the run finished with a different config.
+    """
+    if summary is None or summary.get("status") != "finished":
+        return None
+    differing = config_differences(run, rd)
+    if differing:
+        raise StaleRunError(
+            f"{rd.path} was made with a different config (differing keys: "
+            f"{', '.join(differing)}); pass --overwrite to replace it"
+        )
+    return summary
 
 
 def _restart_hint(e: DamagedRunError, run: PlannedRun) -> DamagedRunError:
