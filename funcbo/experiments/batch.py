@@ -33,6 +33,7 @@ from funcbo.experiments.runner import (
     _numeric,
     _record_failure,
     _summary_base,
+    _warn_lost_progress,
     run_config_text,
 )
 from funcbo.experiments.store import RunDir
@@ -111,6 +112,7 @@ def execute_batch(
 
     with ExitStack() as locks:  # each run's lock, held until the batch ends
         pending: dict[int, list[tuple[PlannedRun, dict[str, Any] | None]]] = {}
+        afresh: list[tuple[str, int]] = []
         for run in runs:
             rd = RunDir(out / run.run_id)
             lock = ExitStack()
@@ -125,7 +127,10 @@ def execute_batch(
                 continue
             locks.callback(lock.close)
             start = int(ckpt["iteration"]) if ckpt is not None else 0
+            if ckpt is None:
+                afresh.append((run.run_id, rd.logged_iteration()))
             pending.setdefault(start, []).append((run, ckpt))
+        _warn_lost_progress(afresh)
         if opts.threads:
             torch.set_num_threads(opts.threads)
         for start in sorted(pending):

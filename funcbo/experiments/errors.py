@@ -20,4 +20,16 @@ class RunInUseError(ExperimentError):
     """Another process is running this run (it holds the run directory's lock)."""
 
 
-__all__ = ["DamagedRunError", "ExperimentError", "RunInUseError", "StaleRunError"]
+class LostProgressWarning(UserWarning):
+    """An interrupted run has logged progress but has no checkpoint to resume from, so it
+    starts afresh (checkpoints stay in the run directory that wrote them; committed results
+    and copies without ``checkpoint.pt`` carry none)."""
+
+
+__all__ = [
+    "DamagedRunError",
+    "ExperimentError",
+    "LostProgressWarning",
+    "RunInUseError",
+    "StaleRunError",
+]

@@ -19,6 +19,7 @@ import random
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,12 @@ from funcbo.experiments.config import (
     load_config_dict,
     to_plain,
 )
-from funcbo.experiments.errors import DamagedRunError, ExperimentError, StaleRunError
+from funcbo.experiments.errors import (
+    DamagedRunError,
+    ExperimentError,
+    LostProgressWarning,
+    StaleRunError,
+)
 from funcbo.experiments.store import SWEEP, RunDir
 from funcbo.experiments.task import get_experiment
 from funcbo.io import atomic_write_json
@@ -172,6 +178,7 @@ def _execute_locked(
             last_train: dict[str, float] = dict(ckpt["last_train"])
             rd.truncate_metrics(start)
         else:
+            _warn_lost_progress([(run.run_id, rd.logged_iteration())])
             rd.clear()
             rd.path.mkdir(parents=True, exist_ok=True)
             rd.write_config(run_config_text(run))
@@ -238,6 +245,29 @@ def _execute_locked(
     finally:
         if tb is not None:
             tb.close()
+
+
+def _warn_lost_progress(runs: list[tuple[str, int]]) -> None:
+    """Warn (:class:`LostProgressWarning`) about runs, ``(run id, last logged iteration)``,
+    that start afresh although they had logged iterations: their checkpoint is gone."""
+    lost = [(rid, it) for rid, it in runs if it > 0]
+    if not lost:
+        return
+    why = (
+        "no checkpoint.pt to resume from (checkpoints stay in the run directory that wrote "
+        "them; committed results carry none)"
+    )
+    if len(lost) == 1:
+        rid, it = lost[0]
+        msg = f"{rid} had logged iteration {it} but has {why}: it starts afresh from iteration 0"
+    else:
+        ids = ", ".join(rid for rid, _ in lost[:3]) + (" …" if len(lost) > 3 else "")
+        top = max(it for _, it in lost)
+        msg = (
+            f"{len(lost)} runs ({ids}) had logged iterations (up to {top}) but have {why}: "
+            "they start afresh from iteration 0"
+        )
+    warnings.warn(msg, LostProgressWarning, stacklevel=3)
 
 
 def _finished_run(

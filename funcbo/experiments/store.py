@@ -122,6 +122,15 @@ class RunDir:
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, record)
 
+    def logged_iteration(self) -> int:
+        """The last iteration ``metrics.jsonl`` records (0 when it records none or cannot be
+        read)."""
+        try:
+            rows = self.metrics()
+        except (OSError, ValueError):
+            return 0
+        return max((int(r.get("iteration", 0)) for r in rows), default=0)
+
     def truncate_metrics(self, last_iteration: int) -> None:
         """Keep only lines up to ``last_iteration`` (a resumed run redoes the rest)."""
         kept = [r for r in self.metrics() if int(r.get("iteration", 0)) <= last_iteration]
