@@ -22,11 +22,12 @@ def _runs(data: dict) -> list:
     return plan_runs(load_config_dict(json.loads(json.dumps(data)), src="test"))
 
 
-def _interrupt(rd: RunDir, keep_checkpoint: bool) -> None:
-    """Make a finished run look interrupted (status 'running'), with or without checkpoint."""
+def _interrupt(rd: RunDir, keep_checkpoint: bool, status: str = "running") -> None:
+    """Make a finished run look interrupted (status 'running') or failed, with or without its
+    checkpoint."""
     summary = rd.summary()
     assert summary is not None
-    rd.write_summary({**summary, "status": "running", "final": {}})
+    rd.write_summary({**summary, "status": status, "final": {}})
     if not keep_checkpoint:
         rd.checkpoint_path.unlink()
 
@@ -61,6 +62,17 @@ def test_a_run_with_its_checkpoint_resumes_without_a_warning(tmp_path: Path) -> 
         warnings.simplefilter("error", LostProgressWarning)
         again = execute_run(run, tmp_path)
     assert again["status"] == "finished"
+
+
+def test_a_failed_run_retried_without_its_checkpoint_does_not_warn(tmp_path: Path) -> None:
+    run = _runs(TINY)[0]
+    rd = RunDir(tmp_path / run.run_id)
+    execute_run(run, tmp_path)
+    _interrupt(rd, keep_checkpoint=False, status="failed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LostProgressWarning)
+        again = execute_run(run, tmp_path)
+    assert again["status"] == "finished" and _iterations(rd)[0] == 0
 
 
 def test_a_batch_names_its_runs_without_checkpoints_in_one_warning(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from funcbo.experiments.runner import (
     RunOptions,
     _finished_before,
     _finished_run,
+    _interrupted_at,
     _numeric,
     _record_failure,
     _summary_base,
@@ -128,7 +129,7 @@ def execute_batch(
             locks.callback(lock.close)
             start = int(ckpt["iteration"]) if ckpt is not None else 0
             if ckpt is None:
-                afresh.append((run.run_id, rd.logged_iteration()))
+                afresh.append((run.run_id, _interrupted_at(rd, _summary_or_none(rd))))
             pending.setdefault(start, []).append((run, ckpt))
         _warn_lost_progress(afresh)
         if opts.threads:
@@ -136,6 +137,13 @@ def execute_batch(
         for start in sorted(pending):
             _execute_group(pending[start], out, opts, progress, report)
     return results
+
+
+def _summary_or_none(rd: RunDir) -> dict[str, Any] | None:
+    try:
+        return rd.summary()
+    except DamagedRunError:
+        return None
 
 
 def _prepare(

@@ -178,7 +178,7 @@ def _execute_locked(
             last_train: dict[str, float] = dict(ckpt["last_train"])
             rd.truncate_metrics(start)
         else:
-            _warn_lost_progress([(run.run_id, rd.logged_iteration())])
+            _warn_lost_progress([(run.run_id, _interrupted_at(rd, done))])
             rd.clear()
             rd.path.mkdir(parents=True, exist_ok=True)
             rd.write_config(run_config_text(run))
@@ -245,6 +245,15 @@ def _execute_locked(
     finally:
         if tb is not None:
             tb.close()
+
+
+def _interrupted_at(rd: RunDir, summary: dict[str, Any] | None) -> int:
+    """The last iteration an interrupted run (summary status ``running``) logged; 0 for a
+    fresh or failed run (a failed run's retry starts afresh without its checkpoint, as the
+    user was told when it failed)."""
+    if summary is None or summary.get("status") != "running":
+        return 0
+    return rd.logged_iteration()
 
 
 def _warn_lost_progress(runs: list[tuple[str, int]]) -> None:
