@@ -122,14 +122,12 @@ def execute_batch(
             except RunInUseError as e:  # another process runs it: leave its files alone
                 report(run, None, f"{type(e).__name__}: {e}")
                 continue
-            ckpt = _prepare(run, rd, report)
+            ckpt = _prepare(run, rd, report, afresh)
             if ckpt is False:  # skipped or failed: not held while the others run
                 lock.close()
                 continue
             locks.callback(lock.close)
             start = int(ckpt["iteration"]) if ckpt is not None else 0
-            if ckpt is None:
-                afresh.append((run.run_id, _interrupted_at(rd, _summary_or_none(rd))))
             pending.setdefault(start, []).append((run, ckpt))
         _warn_lost_progress(afresh)
         if opts.threads:
@@ -139,22 +137,18 @@ def execute_batch(
     return results
 
 
-def _summary_or_none(rd: RunDir) -> dict[str, Any] | None:
-    try:
-        return rd.summary()
-    except DamagedRunError:
-        return None
-
-
 def _prepare(
     run: PlannedRun,
     rd: RunDir,
     report: Callable[[PlannedRun, dict[str, Any] | None, str | None], None],
+    afresh: list[tuple[str, int]],
 ) -> dict[str, Any] | Literal[False] | None:
-    """The run's checkpoint (None: start afresh), or False when it is done (skipped, reported)
-    or cannot run (failure recorded, reported)."""
+    """The run's checkpoint (None: start afresh, noted in ``afresh`` with the iteration an
+    interrupted run had logged), or False when it is done (skipped, reported) or cannot run
+    (failure recorded, reported)."""
     try:
-        done = _finished_run(run, rd, rd.summary())
+        summary = rd.summary()
+        done = _finished_run(run, rd, summary)
         if done is not None:
             report(run, {**done, "skipped": True}, None)
             return False
@@ -168,6 +162,8 @@ def _prepare(
         _record_failure(rd, run, e, traceback.format_exc())
         report(run, None, f"{type(e).__name__}: {e}")
         return False
+    if ckpt is None:
+        afresh.append((run.run_id, _interrupted_at(rd, summary)))
     return ckpt
 
 
