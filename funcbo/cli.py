@@ -4,7 +4,7 @@
                [--overwrite] [--restart RUN ...] [--batch-seeds]
                [--executor ray [--address ADDR] [--ray-results shared|driver]]
     funcbo report DIR [--out DIR] [--name NAME] [--preamble FILE] [--seeds common|0-4]
-                  [--select-by KEY [--select-mode min|max]]
+                  [--select-by KEY [--select-mode min|max]] [--paired]
     funcbo demo [--workers N] [--out DIR]
     funcbo list
 
@@ -169,6 +169,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         select_by=args.select_by,
         select_mode=args.select_mode,
         seeds=seeds,
+        paired=args.paired,
     )
     print(rep.markdown)
     for p in rep.figures:
@@ -325,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEEDS",
         help="report only runs of these seeds (0-4, 0,2,5) or, with 'common', of the seeds at "
         "which every variant has a finished run (a sweep still under way)",
+    )
+    rep.add_argument(
+        "--paired",
+        action="store_true",
+        help="also compare the variants seed by seed: on how many seeds each is best, and "
+        "better than each other variant",
     )
     rep.set_defaults(func=cmd_report)
 

@@ -676,3 +676,59 @@ def test_common_seeds_with_grid_point_selection(grid_root, tmp_path, capsys):
     assert "Seeds 0, 1 only" in capsys.readouterr().out
     assert main([*args[:-1], "0-x"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_paired_by_seed_counts_wins_on_the_common_finite_seeds(tmp_path):
+    # three methods at two sizes; at n=1 seed 3 of b diverged (nan) and c lacks seed 4, so
+    # that point compares seeds 0-2 only; at n=2 every method has seeds 0-4
+    finals = {
+        ("a", 1): [1.0, 5.0, 2.0, 1.0, 9.0],
+        ("b", 1): [2.0, 1.0, 2.0, float("nan"), 0.5],
+        ("c", 1): [3.0, 3.0, 0.5, 4.0, None],
+        ("a", 2): [1.0, 1.0, 1.0, 1.0, 1.0],
+        ("b", 2): [2.0, 2.0, 0.5, 2.0, 2.0],
+        ("c", 2): [3.0, 3.0, 3.0, 3.0, 0.1],
+    }
+    root = tmp_path / "runs"
+    for (method, n), values in finals.items():
+        for seed, x in enumerate(values):
+            if x is None:
+                continue
+            run = write_run(root, f"{method}[n={n}]", seed, final={"test_mse": x})
+            summary = json.loads((run.path / "summary.json").read_text())
+            run.write_summary({**summary, "grid_point": {"problem.n": n}})
+    rep = make_report(root, tmp_path / "out", "p", figures=False, paired=True)
+    first, second = rep.data["paired"]
+    assert first["grid_point"] == {"problem.n": 1} and first["seeds"] == [0, 1, 2]
+    # seed 0: a; seed 1: b; seed 2: c
+    assert first["best"] == {"a[n=1]": 1, "b[n=1]": 1, "c[n=1]": 1}
+    # a against b: seed 0 (1 < 2) only; seed 2 is a tie (2 = 2) and counts for neither
+    assert first["better"]["a[n=1]"] == {"b[n=1]": 1, "c[n=1]": 1}
+    assert first["better"]["b[n=1]"] == {"a[n=1]": 1, "c[n=1]": 2}
+    assert second["seeds"] == [0, 1, 2, 3, 4]
+    assert second["best"] == {"a[n=2]": 3, "b[n=2]": 1, "c[n=2]": 1}
+    assert second["better"]["a[n=2]"] == {"b[n=2]": 4, "c[n=2]": 4}
+    md = rep.markdown
+    assert "## Paired by seed" in md and "**n 1**: 3 seeds (0–2)." in md
+    assert "**n 2**: 5 seeds (0–4)." in md
+    assert "| variant | best | a | b | c |" in md
+    assert "| a | 3 | — | 4 | 4 |" in md and "| c | 1 | 1 | 1 | — |" in md
+    # the comparison is opt-in
+    plain = make_report(root, tmp_path / "out", "q", figures=False)
+    assert "paired" not in plain.data and "Paired by seed" not in plain.markdown
+
+
+def test_paired_by_seed_in_max_mode_after_grid_point_selection(grid_root, tmp_path, capsys):
+    from funcbo.cli import main
+
+    out = tmp_path / "cli"
+    args = ["report", str(grid_root), "--out", str(out), "--name", "s", "--paired"]
+    assert main([*args, "--select-by", "train_return"]) == 0
+    data = json.loads((out / "s.json").read_text())
+    (group,) = data["paired"]
+    # the selected points (by train_return): omd at 0.003, final return 50 + seed, and funcid
+    # at 0.001, 150 + seed; funcid's failed seed 2 is at the point not selected
+    assert group["grid_point"] == {} and group["seeds"] == [0, 1, 2]
+    assert group["best"] == {"funcid": 3, "omd": 0}
+    assert group["better"] == {"funcid": {"omd": 3}, "omd": {"funcid": 0}}
+    assert "the highest value" in capsys.readouterr().out

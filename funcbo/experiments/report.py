@@ -16,6 +16,10 @@ Statistics use finished runs only; failed and unfinished runs are counted and sh
 With ``select_by`` (``funcbo report --select-by KEY``), each method is reported at one grid point
 only, the one with the best training score (mean of ``KEY`` over a run's logged records, median
 over seeds), and the report starts with a table of every grid point's score.
+
+With ``paired`` (``funcbo report --paired``), a table follows the main one that compares the
+variants seed by seed (how often each is best, and better than each other), which medians alone
+do not show.
 """
 
 from __future__ import annotations
@@ -325,6 +329,7 @@ def _markdown(
     warnings: list[str] = (),  # type: ignore[assignment]
     labels: dict[str, str] | None = None,
     per_point: bool = False,
+    paired_lines: list[str] = (),  # type: ignore[assignment]
 ) -> str:
     metric, mode = data["metric"], data["metric_mode"]
     counts = {s: sum(data["runs"][v][s] for v in variants) for s in _STATUSES}
@@ -385,6 +390,7 @@ def _markdown(
         row = [name, _n_cell(data["runs"][v], nonfinite[v]), med, _mean_sd(s), auc_text]
         row += [wall_text, _fmt(ips["median"])]
         lines.append("| " + " | ".join(row) + " |")
+    lines += paired_lines
     others = metric_names[1:]
     if others:
         lines += [
@@ -436,6 +442,104 @@ def _comparison_groups(variants: list[str], finished: dict[str, list[_Run]]) -> 
     if len(groups) < 2 or any(len(g) < 2 for g in groups.values()):
         return [list(variants)]
     return list(groups.values())
+
+
+def _paired(
+    groups: list[list[str]],
+    finished: dict[str, list[_Run]],
+    metric: str,
+    mode: str,
+    per_point: bool,
+) -> list[dict[str, Any]]:
+    """Seed-by-seed comparison of the final ``metric`` within each comparison group.
+
+    Per group, on the seeds at which every variant of the group has a finished run with a finite
+    final value: ``best[v]``, the seeds where ``v`` has the best value (a tie counts for each
+    variant tied), and ``better[a][b]``, the seeds where ``a``'s value is strictly better than
+    ``b``'s. Groups of one variant are left out.
+    """
+    out = []
+    for group in groups:
+        if len(group) < 2:
+            continue
+        values: dict[str, dict[int, float]] = {}
+        for v in group:
+            values[v] = {}
+            for r in finished[v]:
+                seed, x = _seed_of(r), (r.summary.get("final") or {}).get(metric)
+                if seed is not None and _is_number(x) and math.isfinite(float(x)):
+                    values[v][seed] = float(x)
+        seeds = sorted(set.intersection(*(set(values[v]) for v in group)))
+
+        def wins(a: float, b: float) -> bool:
+            return a < b if mode == "min" else a > b
+
+        best = dict.fromkeys(group, 0)
+        for s in seeds:
+            xs = [values[v][s] for v in group]
+            target = min(xs) if mode == "min" else max(xs)
+            for v in group:
+                best[v] += values[v][s] == target
+        better = {
+            a: {b: sum(wins(values[a][s], values[b][s]) for s in seeds) for b in group if b != a}
+            for a in group
+        }
+        point = _point_of(finished[group[0]]) if per_point else {}
+        out.append(
+            {"grid_point": point, "variants": group, "seeds": seeds, "best": best, "better": better}
+        )
+    # grid points in the order of their values, numbers as numbers (n 5000 before n 10000)
+    return sorted(
+        out,
+        key=lambda g: [
+            (0, x, "") if _is_number(x) else (1, 0, str(x)) for x in g["grid_point"].values()
+        ],
+    )
+
+
+def _paired_markdown(
+    paired: list[dict[str, Any]],
+    finished: dict[str, list[_Run]],
+    metric: str,
+    mode: str,
+    labels: dict[str, str],
+) -> list[str]:
+    better = "lower" if mode == "min" else "higher"
+    best = "lowest" if mode == "min" else "highest"
+    lines = [
+        "",
+        "## Paired by seed",
+        "",
+        f"The final `{metric}` of the variants compared seed by seed"
+        + (" at each grid point" if any(g["grid_point"] for g in paired) else "")
+        + f", on the seeds at which each of them has a finished run with a finite value. *best*: "
+        f"on how many of these seeds the row's variant has the {best} value (a tie counts for "
+        f"each variant tied); the column of variant B: on how many the row's value is {better} "
+        "than B's.",
+    ]
+    for g in paired:
+        group, seeds = g["variants"], g["seeds"]
+        # at one grid point the method names tell the variants apart
+        names = {v: labels.get(v, v) for v in group}
+        if g["grid_point"]:
+            names = {v: _method_of(finished[v][0]) if finished[v] else v for v in group}
+            if len(set(names.values())) < len(group):
+                names = {v: labels.get(v, v) for v in group}
+        where = f"**{_point_text(g['grid_point'])}**: " if g["grid_point"] else ""
+        if not seeds:
+            lines += ["", f"{where}no seed at which every variant has a finite final value."]
+            continue
+        lines += [
+            "",
+            f"{where}{_plural(len(seeds), 'seed')} ({_seeds_text(seeds)}).",
+            "",
+            "| variant | best | " + " | ".join(_cell(names[b]) for b in group) + " |",
+            "|---" * (len(group) + 2) + "|",
+        ]
+        for a in group:
+            cells = ["—" if b == a else str(g["better"][a][b]) for b in group]
+            lines.append(f"| {_cell(names[a])} | {g['best'][a]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _point_text(point: dict[str, Any]) -> str:
@@ -726,6 +830,7 @@ def make_report(
     select_by: str | None = None,
     select_mode: str | None = None,
     seeds: str | Sequence[int] | None = None,
+    paired: bool = False,
 ) -> Report:
     """Aggregate the runs under ``run_root`` into ``<name>.md``, ``<name>.json`` and figures.
 
@@ -803,6 +908,18 @@ def make_report(
 
         "seeds": {"rule": str, "seeds": [int], "left_out": int}
 
+    Comparing seed by seed (``paired=True``), which medians alone do not show: variants are
+    compared within the groups in which bold marks the best median (the variants of one grid
+    point when every grid point has two or more, otherwise all of them; the methods when a grid
+    point is selected), on the seeds at which every variant of the group has a finished run with
+    a finite final headline metric. A section "Paired by seed" follows the headline table: per
+    group, on how many seeds each variant is best (ties count for each) and, per other variant,
+    on how many it is strictly better. ``report.json`` has one more key::
+
+        "paired": [{"grid_point": dict ({} for a group of all variants), "variants": [str],
+                    "seeds": [int], "best": {variant: int},
+                    "better": {variant: {other variant: int}}}]
+
     Args:
         run_root: a sweep's output directory (``funcbo run ... --out DIR``), or any directory
             whose run directories all belong to one experiment.
@@ -829,6 +946,7 @@ def make_report(
             (default: the experiment's ``metric_mode``); needs ``select_by``.
         seeds: ``"common"`` or a list of seeds: report only runs of these seeds (see above);
             None: every run.
+        paired: also compare the variants seed by seed (see above).
 
     Returns:
         The :class:`Report` (markdown, data, figure paths, markdown/JSON paths).
@@ -975,7 +1093,7 @@ def make_report(
                 aucs.append(area_under_curve(list(s), list(s.values())))
         auc[v] = describe(aucs)
 
-    data = {
+    data: dict[str, Any] = {
         "experiment": experiment,
         "name": name,
         "metric": metric,
@@ -1015,6 +1133,12 @@ def make_report(
         written += _save_figure(curves, out / f"{name}_curves")
         stems = [f"{name}_box", f"{name}_curves"]
 
+    paired_lines: list[str] = []
+    if paired:
+        comparison = _paired(groups, finished, metric, mode, per_point=len(groups) > 1)
+        data["paired"] = comparison
+        paired_lines = _paired_markdown(comparison, finished, metric, mode, labels)
+
     markdown = _markdown(
         data,
         variants,
@@ -1027,6 +1151,7 @@ def make_report(
         warnings,
         labels,
         per_point=len(groups) > 1,
+        paired_lines=paired_lines,
     )
     md_path, json_path = out / f"{name}.md", out / f"{name}.json"
     atomic_write_json(json_path, data)
