@@ -458,6 +458,10 @@ def _paired(
     variant tied), and ``better[a][b]``, the seeds where ``a``'s value is strictly better than
     ``b``'s. Groups of one variant are left out.
     """
+
+    def wins(a: float, b: float) -> bool:
+        return a < b if mode == "min" else a > b
+
     out = []
     for group in groups:
         if len(group) < 2:
@@ -470,10 +474,6 @@ def _paired(
                 if seed is not None and _is_number(x) and math.isfinite(float(x)):
                     values[v][seed] = float(x)
         seeds = sorted(set.intersection(*(set(values[v]) for v in group)))
-
-        def wins(a: float, b: float) -> bool:
-            return a < b if mode == "min" else a > b
-
         best = dict.fromkeys(group, 0)
         for s in seeds:
             xs = [values[v][s] for v in group]
@@ -1112,6 +1112,7 @@ def make_report(
 
     medians = {v: methods[v][metric]["median"] for v in variants if methods[v][metric]["n"]}
     groups = _comparison_groups(variants, finished) if selection is None else [variants]
+    per_point = len(groups) > 1
     best: set[str] = set()
     for group in groups:
         group_medians = [medians[v] for v in group if v in medians]
@@ -1135,7 +1136,7 @@ def make_report(
 
     paired_lines: list[str] = []
     if paired:
-        comparison = _paired(groups, finished, metric, mode, per_point=len(groups) > 1)
+        comparison = _paired(groups, finished, metric, mode, per_point)
         data["paired"] = comparison
         paired_lines = _paired_markdown(comparison, finished, metric, mode, labels)
 
@@ -1150,7 +1151,7 @@ def make_report(
         preamble,
         warnings,
         labels,
-        per_point=len(groups) > 1,
+        per_point=per_point,
         paired_lines=paired_lines,
     )
     md_path, json_path = out / f"{name}.md", out / f"{name}.json"
